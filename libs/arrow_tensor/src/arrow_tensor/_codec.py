@@ -1,0 +1,226 @@
+"""The single-tensor codec: plan, encode and decode (CPU memory).
+
+Note [Zero copy in both directions]
+Encoding builds a *plan*: the wire header and a numpy view of the tensor's bits in physical
+order (see Note [Layouts on the wire] in _layout). A dense little-endian tensor's payload is
+that view itself, wrapped by ``pa.py_buffer``: no byte moves. A non-dense or big-endian
+tensor is compacted in exactly one copy, either into a fresh array (``encode``) or straight
+into a buffer the caller owns (``TensorPlan.write_into``, used to fill dora's outgoing
+shared-memory sample). Decoding validates the metadata against the buffer's size and builds
+a view over the received buffer: numpy through ``np.frombuffer``, torch through DLPack (which,
+unlike ``torch.from_numpy`` on read-only memory, raises no warning). Writable results are
+private copies; see the read-only contract in the README.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import _checksum, _dtypes, _layout, _schema
+from ._errors import MetadataError, PayloadError, UnsupportedTensorError
+
+_STORAGE_TYPES = {pa.uint8(): 1, pa.uint16(): 2, pa.uint32(): 4, pa.uint64(): 8}
+
+
+def _torch_module() -> Any | None:
+    """The torch adapter, if torch is already imported by the user (we never import it first)."""
+    if "torch" not in sys.modules:
+        return None
+    from . import _torch
+
+    return _torch
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor goes on the wire: its header and a physical-order view of its bits."""
+
+    header: _schema.TensorHeader
+    source: np.ndarray
+    needs_copy: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size in bytes."""
+        return self.header.nbytes
+
+    def payload(self) -> np.ndarray:
+        """The payload as a 1-D little-endian unsigned array; a view unless ``needs_copy``."""
+        if self.needs_copy:
+            dense = np.empty(self.source.shape, dtype=self.source.dtype.newbyteorder("<"))
+            np.copyto(dense, self.source)
+        else:
+            dense = self.source
+        return dense.reshape(-1).view(self.header.dtype.storage)
+
+    def write_into(self, dest: Any) -> None:
+        """Write the payload into the first ``nbytes`` bytes of the writable buffer ``dest``."""
+        if self.nbytes == 0:
+            return
+        target = np.frombuffer(
+            dest, dtype=self.source.dtype.newbyteorder("<"), count=self.header.numel
+        )
+        np.copyto(target.reshape(self.source.shape), self.source)
+
+
+def plan(x: Any) -> TensorPlan:
+    """Plan the encoding of a numpy array or CPU torch tensor."""
+    adapter = _torch_module()
+    if adapter is not None and adapter.is_tensor(x):
+        bits, entry = adapter.to_numpy_bits(x)
+        framework = "torch"
+    elif isinstance(x, np.ndarray):
+        entry = _dtypes.from_numpy(x.dtype)
+        bits, framework = x, "numpy"
+    else:
+        raise UnsupportedTensorError(_unsupported_message(x))
+    if bits.ndim > _schema.MAX_NDIM:
+        raise UnsupportedTensorError(f"{bits.ndim} dimensions; at most {_schema.MAX_NDIM}")
+    perm = _layout.memory_order(bits.shape, bits.strides)
+    dense = _layout.is_dense(bits.shape, bits.strides, perm, unit=bits.itemsize)
+    little = bits.dtype.byteorder in "<|" or (bits.dtype.byteorder == "=" and sys.byteorder == "little")
+    header = _schema.TensorHeader(entry, tuple(bits.shape), tuple(perm), framework)
+    return TensorPlan(header, bits.transpose(perm), needs_copy=not (dense and little))
+
+
+def _unsupported_message(x: object) -> str:
+    kind = f"{type(x).__module__}.{type(x).__qualname__}"
+    if isinstance(x, np.generic):
+        return f"got a numpy scalar {kind}; wrap it as a 0-d array with np.asarray(x)"
+    if hasattr(x, "__cuda_array_interface__"):
+        return f"got a GPU array {kind}; CUDA tensors need the CUDA transport or a .get()/.cpu() copy"
+    if hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
+        return f"got {kind}; convert it to numpy (np.asarray(x)) or torch (torch.from_dlpack(x)) first"
+    return f"expected a torch.Tensor or numpy.ndarray, got {kind}"
+
+
+def encode_tensor(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
+    """Encode one CPU tensor as a 1-D Arrow array plus flat metadata.
+
+    Parameters
+    ----------
+    x:
+        A ``torch.Tensor`` on the CPU or a ``numpy.ndarray``, any supported dtype and layout.
+    checksum:
+        Attach an xxh3-64 checksum of dtype, shape, layout and content (``at.checksum``).
+
+    Returns
+    -------
+    (array, metadata)
+        ``array`` is a ``pyarrow`` unsigned-integer array over the tensor's own memory when
+        its layout is dense (no copy), else over one compacted copy. ``metadata`` is a flat
+        dict of ``at.``-prefixed keys that dora carries intact; add your own keys beside them.
+
+    Raises
+    ------
+    UnsupportedTensorError
+        For anything without an exact wire form, with the alternative in the message.
+    """
+    p = plan(x)
+    payload = p.payload()
+    array = pa.Array.from_buffers(
+        pa.from_numpy_dtype(payload.dtype), len(payload), [None, pa.py_buffer(payload)]
+    )
+    metadata = p.header.to_metadata()
+    if checksum:
+        metadata[_schema.KEY_CHECKSUM] = _checksum.digest(p.header.describe(), payload)
+    return array, metadata
+
+
+def payload_buffer(array: object, nbytes: int) -> pa.Buffer:
+    """The exact ``nbytes`` payload bytes of a received array, after strict checks."""
+    if isinstance(array, pa.ChunkedArray):
+        raise PayloadError(
+            f"expected a pyarrow.Array, got a ChunkedArray of {array.num_chunks} chunks; "
+            f"pass chunked.combine_chunks()"
+        )
+    if not isinstance(array, pa.Array):
+        raise PayloadError(f"expected a pyarrow.Array, got {type(array).__name__}")
+    width = _STORAGE_TYPES.get(array.type)
+    if width is None:
+        raise PayloadError(
+            f"expected an array of uint8/uint16/uint32/uint64, got type {array.type}"
+        )
+    if array.null_count:
+        raise PayloadError(f"payload array has {array.null_count} nulls; expected none")
+    start, length = array.offset * width, len(array) * width
+    if length != nbytes:
+        raise PayloadError(
+            f"payload holds {length} bytes but dtype and shape describe {nbytes} bytes"
+        )
+    if length == 0:
+        return pa.py_buffer(b"")
+    data = array.buffers()[1]
+    if data is None or data.size < start + length:
+        raise PayloadError(
+            f"payload buffer is {0 if data is None else data.size} bytes; "
+            f"the array claims {start + length}"
+        )
+    return data.slice(start, length)
+
+
+def decode_tensor(
+    array: Any, meta: Mapping[str, Any], writable: bool = False, verify: bool = False
+) -> Any:
+    """Rebuild the tensor that ``encode_tensor`` produced, bit for bit.
+
+    Parameters
+    ----------
+    array, meta:
+        What ``encode_tensor`` returned, or what dora delivered, with ``meta`` already
+        accepted by ``_schema.check_envelope``. Keys arrow_tensor does not own are ignored.
+    writable:
+        ``False`` (default): a zero-copy view of the received buffer, which must not be
+        written (numpy results are flagged read-only; torch has no such flag). ``True``: a
+        private writable copy with the same layout.
+    verify:
+        Check the ``at.checksum`` written by ``encode(..., checksum=True)``.
+
+    Returns
+    -------
+    A ``torch.Tensor`` if a torch tensor was encoded, else a ``numpy.ndarray``: same dtype,
+    shape, bits and, for dense layouts, the same strides.
+
+    Raises
+    ------
+    NotATensorMessageError, VersionError, MetadataError, PayloadError, ChecksumError
+        All subclasses of ``ArrowTensorError``; the message says what was received.
+    """
+    header = _schema.parse_header(meta)
+    buf = payload_buffer(array, header.nbytes)
+    if verify:
+        _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)
+    return view_tensor(header, buf, writable)
+
+
+def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) -> Any:
+    """The tensor ``header`` describes, over exactly ``header.nbytes`` bytes of ``buf``."""
+    inverse = _layout.inverse(header.perm)
+    physical = header.physical_shape
+    if header.framework == "torch":
+        try:
+            from . import _torch
+        except ImportError as exc:
+            raise UnsupportedTensorError(
+                "this message holds a torch tensor but torch is not installed here"
+            ) from exc
+        tensor = _torch.from_buffer(buf, header.dtype, physical, inverse)
+        return _torch.private_copy(tensor) if writable else tensor
+    np_dtype = header.dtype.numpy_dtype
+    if np_dtype is None:
+        raise MetadataError(f"dtype {header.dtype.name!r} has no numpy form; it needs torch")
+    if header.nbytes == 0:
+        flat = np.empty(header.numel, dtype=np_dtype)
+    else:
+        flat = np.frombuffer(buf, dtype=np_dtype, count=header.numel)
+    out = flat.reshape(physical).transpose(inverse)
+    if writable:
+        return np.array(out, order="K", copy=True)
+    out.flags.writeable = False
+    return out
