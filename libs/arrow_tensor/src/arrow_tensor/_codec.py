@@ -84,7 +84,8 @@ def plan(x: Any) -> TensorPlan:
         raise UnsupportedTensorError(f"{bits.ndim} dimensions; at most {_schema.MAX_NDIM}")
     perm = _layout.memory_order(bits.shape, bits.strides)
     dense = _layout.is_dense(bits.shape, bits.strides, perm, unit=bits.itemsize)
-    little = bits.dtype.byteorder in "<|" or (bits.dtype.byteorder == "=" and sys.byteorder == "little")
+    order = bits.dtype.byteorder
+    little = order in "<|" or (order == "=" and sys.byteorder == "little")
     header = _schema.TensorHeader(entry, tuple(bits.shape), tuple(perm), framework)
     return TensorPlan(header, bits.transpose(perm), needs_copy=not (dense and little))
 
@@ -94,9 +95,9 @@ def _unsupported_message(x: object) -> str:
     if isinstance(x, np.generic):
         return f"got a numpy scalar {kind}; wrap it as a 0-d array with np.asarray(x)"
     if hasattr(x, "__cuda_array_interface__"):
-        return f"got a GPU array {kind}; CUDA tensors need the CUDA transport or a .get()/.cpu() copy"
+        return f"got a GPU array {kind}; copy it to the host first (.get() or .cpu())"
     if hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
-        return f"got {kind}; convert it to numpy (np.asarray(x)) or torch (torch.from_dlpack(x)) first"
+        return f"got {kind}; convert it to numpy (np.asarray) or torch (torch.from_dlpack) first"
     return f"expected a torch.Tensor or numpy.ndarray, got {kind}"
 
 

@@ -39,7 +39,7 @@ class DType:
 
     @property
     def bits_view(self) -> np.dtype:
-        """numpy dtype of the same width used to move the raw bits (the dtype itself if numpy has it)."""
+        """Same-width numpy dtype that moves the raw bits (the dtype itself where numpy has it)."""
         if self.numpy is not None:
             return np.dtype(self.numpy).newbyteorder("<")
         return np.dtype(f"<u{self.itemsize}")
@@ -77,7 +77,7 @@ _NUMPY_ALTERNATIVES = {
     "O": "object arrays hold Python references, not bytes: convert to a numeric dtype",
     "U": "encode text as bytes (np.frombuffer(s.encode(), np.uint8)) or send it in metadata",
     "S": "view fixed-width bytes as uint8 (arr.view(np.uint8))",
-    "V": "view structured/void data as uint8 (arr.view(np.uint8)) and send the field layout in metadata",
+    "V": "view structured data as uint8 (arr.view(np.uint8)), field layout in metadata",
     "M": "convert datetimes to int64 (arr.astype('datetime64[ns]').view(np.int64))",
     "m": "convert timedeltas to int64 (arr.view(np.int64))",
 }

@@ -23,7 +23,7 @@ def memory_order(shape: Sequence[int], strides: Sequence[int]) -> list[int]:
     Dims of size > 1 with a non-zero stride are ordered by decreasing ``|stride|``
     (ties keep their logical order); broadcast and size-1 dims stay at their own index.
     """
-    real = [i for i, (n, s) in enumerate(zip(shape, strides)) if n > 1 and s != 0]
+    real = [i for i, (n, s) in enumerate(zip(shape, strides, strict=True)) if n > 1 and s != 0]
     ordered = iter(sorted(real, key=lambda i: -abs(strides[i])))
     real_set = set(real)
     return [next(ordered) if i in real_set else i for i in range(len(shape))]

@@ -37,7 +37,7 @@ def require(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) ->
         raise MetadataError(f"metadata lacks {key!r}; received keys {sorted(meta)[:20]}")
     value = meta[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         names = "/".join(k.__name__ for k in kinds)
         raise MetadataError(f"{key!r} must be {names}, got {_describe(value)}")
     return value
