@@ -14,6 +14,7 @@ private copies; see the read-only contract in the README.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,12 +27,20 @@ from . import _checksum, _dtypes, _layout, _schema
 from ._errors import MetadataError, PayloadError, UnsupportedTensorError
 
 _STORAGE_TYPES = {pa.uint8(): 1, pa.uint16(): 2, pa.uint32(): 4, pa.uint64(): 8}
+_ARROW_STORAGE = {width: arrow_type for arrow_type, width in _STORAGE_TYPES.items()}
+_HOST_FRAMEWORKS = ("numpy", "torch")
 
 
 def _torch_module() -> Any | None:
     """The torch adapter, if torch is already imported by the user (we never import it first)."""
-    if "torch" not in sys.modules:
+    if sys.modules.get("torch") is None:  # absent, or blocked with sys.modules["torch"] = None
         return None
+    return _torch_adapter()
+
+
+@functools.cache
+def _torch_adapter() -> Any:
+    """``_torch``, imported on first use (an import statement costs ~1 µs on every call)."""
     from . import _torch
 
     return _torch
@@ -71,27 +80,33 @@ class TensorPlan:
 
 def plan(x: Any) -> TensorPlan:
     """Plan the encoding of a numpy array or CPU torch tensor."""
-    adapter = _torch_module()
-    if adapter is not None and adapter.is_tensor(x):
-        bits, entry = adapter.to_numpy_bits(x)
-        framework = "torch"
-    elif isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray) and not _is_masked(x):
         entry = _dtypes.from_numpy(x.dtype)
         bits, framework = x, "numpy"
     else:
-        raise UnsupportedTensorError(_unsupported_message(x))
+        adapter = _torch_module()
+        if adapter is None or not adapter.is_tensor(x):
+            raise UnsupportedTensorError(_unsupported_message(x))
+        bits, entry = adapter.to_numpy_bits(x)
+        framework = "torch"
     if bits.ndim > _schema.MAX_NDIM:
         raise UnsupportedTensorError(f"{bits.ndim} dimensions; at most {_schema.MAX_NDIM}")
-    perm = _layout.memory_order(bits.shape, bits.strides)
-    dense = _layout.is_dense(bits.shape, bits.strides, perm, unit=bits.itemsize)
+    perm, dense = _layout.analyse(bits.shape, bits.strides, bits.itemsize)
     order = bits.dtype.byteorder
     little = order in "<|" or (order == "=" and sys.byteorder == "little")
-    header = _schema.TensorHeader(entry, tuple(bits.shape), tuple(perm), framework)
+    header = _schema.encoder_header(entry, bits.shape, perm, framework)
     return TensorPlan(header, bits.transpose(perm), needs_copy=not (dense and little))
+
+
+def _is_masked(x: np.ndarray) -> bool:
+    ma = sys.modules.get("numpy.ma")  # not imported by numpy itself; no import, no masked arrays
+    return ma is not None and isinstance(x, ma.MaskedArray)
 
 
 def _unsupported_message(x: object) -> str:
     kind = f"{type(x).__module__}.{type(x).__qualname__}"
+    if isinstance(x, np.ndarray):
+        return f"got a masked array {kind}, whose mask would be lost; send x.filled() and x.mask"
     if isinstance(x, np.generic):
         return f"got a numpy scalar {kind}; wrap it as a 0-d array with np.asarray(x)"
     if hasattr(x, "__cuda_array_interface__"):
@@ -123,10 +138,14 @@ def encode_tensor(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, A
     UnsupportedTensorError
         For anything without an exact wire form, with the alternative in the message.
     """
-    p = plan(x)
+    return encode_plan(plan(x), checksum)
+
+
+def encode_plan(p: TensorPlan, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
+    """``encode_tensor`` of an already made plan (the transport plans once, then decides)."""
     payload = p.payload()
     array = pa.Array.from_buffers(
-        pa.from_numpy_dtype(payload.dtype), len(payload), [None, pa.py_buffer(payload)]
+        _ARROW_STORAGE[payload.itemsize], len(payload), [None, pa.py_buffer(payload)]
     )
     metadata = p.header.to_metadata()
     if checksum:
@@ -167,7 +186,11 @@ def payload_buffer(array: object, nbytes: int) -> pa.Buffer:
 
 
 def decode_tensor(
-    array: Any, meta: Mapping[str, Any], writable: bool = False, verify: bool = False
+    array: Any,
+    meta: Mapping[str, Any],
+    writable: bool = False,
+    verify: bool = False,
+    header: _schema.TensorHeader | None = None,
 ) -> Any:
     """Rebuild the tensor that ``encode_tensor`` produced, bit for bit.
 
@@ -182,6 +205,8 @@ def decode_tensor(
         private writable copy with the same layout.
     verify:
         Check the ``at.checksum`` written by ``encode(..., checksum=True)``.
+    header:
+        ``parse_header(meta)`` already made by the caller (a receiver caches it per stream).
 
     Returns
     -------
@@ -193,7 +218,13 @@ def decode_tensor(
     NotATensorMessageError, VersionError, MetadataError, PayloadError, ChecksumError
         All subclasses of ``ArrowTensorError``; the message says what was received.
     """
-    header = _schema.parse_header(meta)
+    if header is None:
+        header = _schema.parse_header(meta)
+    if header.framework not in _HOST_FRAMEWORKS:
+        raise MetadataError(
+            f"a tensor message holds host memory for {_HOST_FRAMEWORKS}, "
+            f"but {_schema.KEY_FRAMEWORK!r} is {header.framework!r}"
+        )
     buf = payload_buffer(array, header.nbytes)
     if verify:
         _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)
@@ -202,17 +233,20 @@ def decode_tensor(
 
 def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) -> Any:
     """The tensor ``header`` describes, over exactly ``header.nbytes`` bytes of ``buf``."""
-    inverse = _layout.inverse(header.perm)
-    physical = header.physical_shape
+    if header.dtype.name == "bool" and header.nbytes:
+        # A byte other than 0/1 is a bool neither numpy nor torch handles consistently
+        # (torch compares such a "True" unequal to True): refuse it, one pass over the bytes.
+        if np.frombuffer(buf, dtype=np.uint8, count=header.nbytes).max() > 1:
+            raise PayloadError("bool payload holds bytes other than 0 and 1")
     if header.framework == "torch":
         try:
-            from . import _torch
+            adapter = _torch_adapter()
         except ImportError as exc:
             raise UnsupportedTensorError(
                 "this message holds a torch tensor but torch is not installed here"
             ) from exc
-        tensor = _torch.from_buffer(buf, header.dtype, physical, inverse)
-        return _torch.private_copy(tensor) if writable else tensor
+        tensor = adapter.from_buffer(buf, header.dtype, header.shape, header.element_strides)
+        return adapter.private_copy(tensor) if writable else tensor
     np_dtype = header.dtype.numpy_dtype
     if np_dtype is None:
         raise MetadataError(f"dtype {header.dtype.name!r} has no numpy form; it needs torch")
@@ -220,7 +254,7 @@ def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) ->
         flat = np.empty(header.numel, dtype=np_dtype)
     else:
         flat = np.frombuffer(buf, dtype=np_dtype, count=header.numel)
-    out = flat.reshape(physical).transpose(inverse)
+    out = flat.reshape(header.physical_shape).transpose(header.inverse_perm)
     if writable:
         return np.array(out, order="K", copy=True)
     out.flags.writeable = False

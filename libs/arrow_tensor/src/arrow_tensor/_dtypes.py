@@ -6,6 +6,7 @@ Every other module asks this table; nothing else spells a dtype name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ class DType:
     ``name`` is the string on the wire, ``itemsize`` its width in bytes, ``numpy`` the
     numpy dtype with that exact bit layout (``None`` when numpy has none, as for bfloat16),
     ``torch`` the attribute name in the ``torch`` module (``None`` when torch has none).
+    The numpy dtypes derived from these are built once per entry (the codec asks for them
+    on every message).
     """
 
     name: str
@@ -27,17 +30,17 @@ class DType:
     numpy: str | None
     torch: str | None
 
-    @property
+    @cached_property
     def storage(self) -> np.dtype:
         """Little-endian unsigned integer that carries one element (or half of one for 16 B)."""
         return np.dtype(f"<u{min(self.itemsize, 8)}")
 
-    @property
+    @cached_property
     def numpy_dtype(self) -> np.dtype | None:
         """Little-endian numpy dtype for this wire dtype, or ``None``."""
         return None if self.numpy is None else np.dtype(self.numpy).newbyteorder("<")
 
-    @property
+    @cached_property
     def bits_view(self) -> np.dtype:
         """Same-width numpy dtype that moves the raw bits (the dtype itself where numpy has it)."""
         if self.numpy is not None:
@@ -73,6 +76,10 @@ _TABLE: tuple[DType, ...] = (
 BY_NAME: dict[str, DType] = {d.name: d for d in _TABLE}
 ALL: tuple[DType, ...] = _TABLE
 
+# Accepted numpy dtypes seen so far. A numpy dtype's ``name`` is computed in Python on every
+# access (~6 µs), more than the rest of planning a small tensor; few dtypes exist that pass.
+_FROM_NUMPY: dict[np.dtype, DType] = {}
+
 _NUMPY_ALTERNATIVES = {
     "O": "object arrays hold Python references, not bytes: convert to a numeric dtype",
     "U": "encode text as bytes (np.frombuffer(s.encode(), np.uint8)) or send it in metadata",
@@ -85,12 +92,16 @@ _NUMPY_ALTERNATIVES = {
 
 def from_numpy(dtype: np.dtype) -> DType:
     """Wire dtype of a numpy dtype, byte order ignored; raises for what has no exact wire form."""
+    entry = _FROM_NUMPY.get(dtype)
+    if entry is not None:
+        return entry
     entry = BY_NAME.get(dtype.name) if dtype.kind in "biufc" else None
     if entry is None or entry.numpy is None:
         hint = _NUMPY_ALTERNATIVES.get(dtype.kind, "use one of " + ", ".join(supported_names()))
         raise UnsupportedTensorError(
             f"numpy dtype {dtype.str!r} ({dtype.name}) cannot be encoded exactly; {hint}"
         )
+    _FROM_NUMPY[dtype] = entry
     return entry
 
 

@@ -15,6 +15,7 @@ Strides of size-1 dims address no memory and are not carried.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 
 def memory_order(shape: Sequence[int], strides: Sequence[int]) -> list[int]:
@@ -35,7 +36,7 @@ def is_dense(
     """True when the memory is exactly the C-order array of the permuted shape."""
     if 0 in shape:
         return True
-    expected = 1
+    expected = unit
     for i in reversed(perm):
         if shape[i] == 1:
             continue
@@ -43,6 +44,19 @@ def is_dense(
             return False
         expected *= shape[i]
     return True
+
+
+@lru_cache(maxsize=256)
+def analyse(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int
+) -> tuple[tuple[int, ...], bool]:
+    """``(memory_order, is_dense)`` of byte ``strides``, remembered for the layouts seen last.
+
+    A stream sends the same few layouts over and over; this turns ~6 µs of analysis per
+    message into a lookup.
+    """
+    perm = memory_order(shape, strides)
+    return tuple(perm), is_dense(shape, strides, perm, unit=itemsize)
 
 
 def inverse(perm: Sequence[int]) -> list[int]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
-from . import _dtypes
+from . import _dtypes, _layout
 from ._errors import MetadataError, NotATensorMessageError, VersionError
 
 PREFIX = "at."
@@ -21,7 +22,16 @@ KEY_PERM = "at.perm"
 KEY_CHECKSUM = "at.checksum"
 
 KIND_TENSOR = "tensor"
-FRAMEWORKS = ("numpy", "torch")
+# One chunk of a value too large for one dora message (see SPEC.md, Transports).
+KIND_CHUNK = "chunk"
+KEY_CHUNK_KIND = "at.chunk.kind"
+KEY_CHUNK_STREAM = "at.chunk.stream"
+KEY_CHUNK_SEQ = "at.chunk.seq"
+KEY_CHUNK_INDEX = "at.chunk.index"
+KEY_CHUNK_COUNT = "at.chunk.count"
+KEY_CHUNK_OFFSET = "at.chunk.offset"
+KEY_CHUNK_TOTAL = "at.chunk.total"
+FRAMEWORKS = ("numpy", "torch", "cupy", "pyarrow.cuda")  # the last two: CUDA descriptors only
 MAX_NDIM = 64
 MAX_ELEMENTS = 1 << 62
 
@@ -34,7 +44,7 @@ def _describe(value: object) -> str:
 def require(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     """``meta[key]`` checked against ``kind`` (bool never passes for int), else MetadataError."""
     if key not in meta:
-        raise MetadataError(f"metadata lacks {key!r}; received keys {sorted(meta)[:20]}")
+        raise MetadataError(f"metadata lacks {key!r}; received keys {sorted(map(str, meta))[:20]}")
     value = meta[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
@@ -62,7 +72,7 @@ def check_envelope(meta: object) -> Mapping[str, Any]:
     if KEY_VERSION not in meta:
         raise NotATensorMessageError(
             f"not an arrow_tensor message: metadata has no {KEY_VERSION!r} key "
-            f"(received keys {sorted(meta)[:20]})"
+            f"(received keys {sorted(map(str, meta))[:20]})"
         )
     version = require(meta, KEY_VERSION, int)
     if version != VERSION:
@@ -75,27 +85,41 @@ def check_envelope(meta: object) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class TensorHeader:
-    """What a tensor is, independent of where its bytes travel."""
+    """What a tensor is, independent of where its bytes travel.
+
+    Derived values are computed once per header: ``parse_header`` hands out the same header
+    object for a stream's repeated metadata, so a receiver derives them once per stream.
+    """
 
     dtype: _dtypes.DType
     shape: tuple[int, ...]
     perm: tuple[int, ...]
     framework: str
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Number of elements."""
         return math.prod(self.shape)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Payload size in bytes."""
         return self.numel * self.dtype.itemsize
 
-    @property
+    @cached_property
     def physical_shape(self) -> tuple[int, ...]:
         """Shape of the C-ordered array the payload bytes form."""
         return tuple(self.shape[p] for p in self.perm)
+
+    @cached_property
+    def inverse_perm(self) -> tuple[int, ...]:
+        """The permutation that turns the physical array back into the logical tensor."""
+        return tuple(_layout.inverse(self.perm))
+
+    @cached_property
+    def element_strides(self) -> tuple[int, ...]:
+        """Strides, in elements, of the logical tensor viewed over the dense payload."""
+        return tuple(_layout.dense_strides(self.shape, self.perm))
 
     def to_metadata(self) -> dict[str, Any]:
         """The flat metadata entries for this header."""
@@ -115,8 +139,59 @@ class TensorHeader:
         return f"arrow_tensor/{VERSION};{self.dtype.name};[{shape}];[{perm}]"
 
 
+# Headers already validated, by their exact metadata values (see parse_header).
+_HEADERS: dict[tuple[str, str, tuple[int, ...], tuple[int, ...]], TensorHeader] = {}
+# Headers of tensors being encoded (trusted, so kept apart from _HEADERS).
+_ENCODED: dict[tuple[str, tuple[int, ...], tuple[int, ...], str], TensorHeader] = {}
+_HEADERS_MAX = 256
+
+
+def encoder_header(
+    dtype: _dtypes.DType, shape: tuple[int, ...], perm: tuple[int, ...], framework: str
+) -> TensorHeader:
+    """The header of a tensor being encoded; the same object while a stream repeats it."""
+    key = (dtype.name, shape, perm, framework)
+    header = _ENCODED.get(key)
+    if header is None:
+        header = TensorHeader(dtype, shape, perm, framework)
+        if len(_ENCODED) >= _HEADERS_MAX:
+            _ENCODED.clear()
+        _ENCODED[key] = header
+    return header
+
+
 def parse_header(meta: Mapping[str, Any]) -> TensorHeader:
-    """Read and validate a tensor header from metadata already passed by check_envelope."""
+    """Read and validate a tensor header from metadata already passed by check_envelope.
+
+    A stream repeats the same few headers: metadata whose values have exactly the types the
+    schema asks for is looked up among headers validated before (the same object is
+    returned). Anything else, and every first sighting, goes through ``_parse_header``.
+    """
+    framework, name = meta.get(KEY_FRAMEWORK), meta.get(KEY_DTYPE)
+    shape, perm = meta.get(KEY_SHAPE), meta.get(KEY_PERM)
+    if (
+        type(framework) is str
+        and type(name) is str
+        and type(shape) in (list, tuple)
+        and type(perm) in (list, tuple)
+        and len(shape) == len(perm) <= MAX_NDIM
+        # Exact int: True and 1.0 equal 1 in a dict key but are refused by _parse_header.
+        and all(type(v) is int for v in shape)
+        and all(type(v) is int for v in perm)
+    ):
+        key = (framework, name, tuple(shape), tuple(perm))
+        header = _HEADERS.get(key)
+        if header is None:
+            header = _parse_header(meta)
+            if len(_HEADERS) >= _HEADERS_MAX:
+                _HEADERS.clear()
+            _HEADERS[key] = header
+        return header
+    return _parse_header(meta)
+
+
+def _parse_header(meta: Mapping[str, Any]) -> TensorHeader:
+    """``parse_header`` without the memo: every check, in a fixed order."""
     framework = require(meta, KEY_FRAMEWORK, str)
     if framework not in FRAMEWORKS:
         raise MetadataError(f"{KEY_FRAMEWORK!r} must be one of {FRAMEWORKS}, got {framework!r}")
@@ -124,8 +199,9 @@ def parse_header(meta: Mapping[str, Any]) -> TensorHeader:
     shape = int_list(meta, KEY_SHAPE)
     if any(d < 0 for d in shape):
         raise MetadataError(f"{KEY_SHAPE!r} has a negative dimension: {list(shape)}")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise MetadataError(f"{KEY_SHAPE!r} {list(shape)} has more than 2**62 elements")
+    # Zeros counted as 1: numpy and torch size every dimension even of an empty tensor.
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_ELEMENTS:
+        raise MetadataError(f"{KEY_SHAPE!r} {list(shape)} spans more than 2**62 bytes")
     perm = int_list(meta, KEY_PERM)
     if sorted(perm) != list(range(len(shape))):
         raise MetadataError(

@@ -8,10 +8,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import _dtypes
+from . import _dtypes, _schema
 from ._errors import UnsupportedTensorError
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BYTES = pa.uint8()  # pa.uint8() costs ~1 µs per call; decoding asks for it every message
 
 
 def is_tensor(x: object) -> bool:
@@ -24,6 +25,27 @@ def to_numpy_bits(t: Any) -> tuple[np.ndarray, _dtypes.DType]:
 
     Views that hold pending math (conjugate, negative bits) are resolved first, one copy.
     """
+    if not (
+        t.is_cpu
+        and t.layout is torch.strided
+        and not t.is_quantized
+        and not getattr(t, "is_nested", False)
+        and t.dim() <= _schema.MAX_NDIM
+    ):
+        _refuse_unsupported(t)
+    entry = _dtypes.from_torch(t.dtype)
+    t = t.detach()
+    if t.is_conj():
+        t = private_copy(t) if t.dtype == torch.complex32 else t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if entry.numpy is None:
+        t = t.view(_SAME_WIDTH_INT[entry.itemsize])
+    return t.numpy().view(entry.bits_view), entry
+
+
+def _refuse_unsupported(t: Any) -> None:
+    """Raise the error that says why ``t`` (not a plain CPU strided tensor) cannot be sent."""
     if t.layout is not torch.strided:
         raise UnsupportedTensorError(
             f"torch layout {t.layout} is not supported; convert with t.to_dense() first"
@@ -37,35 +59,39 @@ def to_numpy_bits(t: Any) -> tuple[np.ndarray, _dtypes.DType]:
         raise UnsupportedTensorError(
             "nested tensors are not supported; send t.unbind() as a list (structured payload)"
         )
+    if t.device.type == "meta":
+        raise UnsupportedTensorError(
+            "meta tensors hold no data; send shape and dtype in metadata, or materialize it "
+            "on the CPU (torch.empty_like(t, device='cpu')) first"
+        )
     if t.device.type != "cpu":
         raise UnsupportedTensorError(
             f"tensor on device {t.device} is not supported by the CPU codec; "
             f"move it with t.cpu() first"
         )
-    entry = _dtypes.from_torch(t.dtype)
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if entry.numpy is None:
-        t = t.view(_SAME_WIDTH_INT[entry.itemsize])
-    return t.numpy().view(entry.bits_view), entry
+    if t.dim() > _schema.MAX_NDIM:  # checked before t.numpy(), which raises a bare ValueError
+        raise UnsupportedTensorError(f"{t.dim()} dimensions; at most {_schema.MAX_NDIM}")
 
 
 def from_buffer(
-    buf: pa.Buffer, entry: _dtypes.DType, physical: tuple[int, ...], inverse: list[int]
+    buf: pa.Buffer, entry: _dtypes.DType, shape: tuple[int, ...], strides: tuple[int, ...]
 ) -> Any:
-    """A tensor viewing ``buf`` (no copy) with the given physical shape, then permuted."""
+    """A tensor viewing ``buf`` (no copy) with the given shape and element strides."""
     dtype = _dtypes.torch_dtype(entry)
     if buf.size == 0:
-        return torch.empty(physical, dtype=dtype).permute(inverse)
-    raw = pa.Array.from_buffers(pa.uint8(), buf.size, [None, buf])
-    return torch.from_dlpack(raw).view(dtype).view(physical).permute(inverse)
+        # Viewed, not allocated, as that dtype: allocating complex32 warns.
+        return torch.empty(0, dtype=torch.uint8).view(dtype).as_strided(shape, strides)
+    raw = pa.Array.from_buffers(_BYTES, buf.size, [None, buf])
+    # as_strided checks the view against the storage's size; one call instead of view+permute.
+    return torch.from_dlpack(raw).view(dtype).as_strided(shape, strides)
 
 
 def private_copy(t: Any) -> Any:
     """A writable copy with the same strides (for dense layouts) and no shared memory."""
+    # Allocating complex32 warns ("experimental"); copy its bits as same-width ints instead.
+    if t.dtype == torch.complex32:
+        out = torch.empty_like(t, dtype=torch.int32, memory_format=torch.preserve_format)
+        return out.view(t.dtype).copy_(t)  # copy_ also resolves a conjugate bit
     out = torch.empty_like(t, memory_format=torch.preserve_format)
     out.copy_(t)
     return out
