@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -15,7 +15,12 @@ from ._errors import MetadataError
 # Modules are imported on first use so that ``import arrow_tensor`` stays light.
 _DECODERS: dict[str, tuple[str, str]] = {
     _schema.KIND_TENSOR: ("._codec", "decode_tensor"),
+    "tree": ("._tree", "decode_tree"),
+    _schema.KIND_CHUNK: ("._chunks", "decode_chunk"),
+    "shm": ("._shm", "decode_shm"),
+    "cuda": ("._cuda_ipc", "decode_cuda"),
 }
+_resolved: dict[str, Callable[..., Any]] = {}
 
 
 def encode(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
@@ -25,7 +30,11 @@ def encode(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
     ----------
     x:
         A ``torch.Tensor`` on the CPU or a ``numpy.ndarray`` of any supported dtype and
-        layout.
+        layout; or a dict / list / tuple nesting them with int, float, bool, str and None
+        leaves (a structured payload: one array, see SPEC.md). A torch CUDA tensor, CuPy
+        array or ``pyarrow.cuda.CudaBuffer`` becomes a CUDA IPC descriptor for one
+        receiver on this machine: no payload bytes leave the GPU (SPEC.md, "CUDA IPC
+        descriptors"; ``_transport.send`` addresses every receiver of an output).
     checksum:
         Attach an xxh3-64 checksum of dtype, shape, layout and content (``at.checksum``),
         checked by ``decode(..., verify=True)``.
@@ -43,13 +52,27 @@ def encode(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
     UnsupportedTensorError
         For anything without an exact wire form; the message names the alternative.
     """
+    from ._cuda_backend import is_device_array
+
+    if is_device_array(x):  # torch CUDA / cupy / pyarrow.cuda: an IPC descriptor, no payload
+        from ._cuda_ipc import encode_cuda
+
+        return encode_cuda(x, checksum=checksum)
+    if isinstance(x, (dict, list, tuple)):
+        from ._tree import encode_tree
+
+        return encode_tree(x, checksum=checksum)
     from ._codec import encode_tensor
 
     return encode_tensor(x, checksum=checksum)
 
 
 def decode(
-    array: Any, metadata: Mapping[str, Any], writable: bool = False, verify: bool = False
+    array: Any,
+    metadata: Mapping[str, Any],
+    writable: bool = False,
+    verify: bool = False,
+    device: str | None = None,
 ) -> Any:
     """Rebuild exactly what ``encode`` was given.
 
@@ -67,6 +90,10 @@ def decode(
     verify:
         Check the ``at.checksum`` written by ``encode(..., checksum=True)``; a message
         without one raises ``ChecksumError``.
+    device:
+        ``None``: where the data is (a CUDA message gives a zero-copy device tensor, a host
+        message a host tensor). ``"cpu"``: a host copy. ``"cuda"`` / ``"cuda:N"``: on that
+        device of this process (zero copy for a CUDA message from that device).
 
     Returns
     -------
@@ -86,5 +113,12 @@ def decode(
         raise MetadataError(
             f"unknown message kind {kind[:40]!r}; this decoder reads {sorted(_DECODERS)}"
         )
-    module = importlib.import_module(target[0], __package__)
-    return getattr(module, target[1])(array, meta, writable=writable, verify=verify)
+    decoder = _resolved.get(kind)
+    if decoder is None:
+        module = importlib.import_module(target[0], __package__)
+        decoder = _resolved[kind] = getattr(module, target[1])
+    if device is None:
+        return decoder(array, meta, writable=writable, verify=verify)
+    from ._cuda_ipc import decode_on_device
+
+    return decode_on_device(decoder, array, meta, writable, verify, device)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 __all__ = [
     "ArrowTensorError",
+    "BatchError",
     "ChecksumError",
+    "ConfigError",
+    "CudaUnavailableError",
+    "IncompleteTransferError",
     "MetadataError",
     "NotATensorMessageError",
     "PayloadError",
+    "PoolExhaustedError",
+    "ShmHandleError",
+    "StaleHandleError",
     "UnsupportedTensorError",
     "VersionError",
 ]
@@ -37,5 +44,36 @@ class PayloadError(ArrowTensorError):
     """The Arrow array does not hold what the metadata describes (type, nulls, size)."""
 
 
+class ConfigError(ArrowTensorError):
+    """A node setting (an ``env:`` variable in the dataflow YAML) has a value we cannot use."""
+
+
 class ChecksumError(ArrowTensorError):
     """``verify=True`` found a content, dtype or shape that differs from what was sent."""
+
+
+class IncompleteTransferError(PayloadError):
+    """A value sent in several chunks was lost, duplicated, reordered or inconsistent.
+
+    Only that value is dropped; later values from the same sender are unaffected.
+    """
+
+
+class ShmHandleError(MetadataError):
+    """A loaned-memory handle is malformed, foreign to this dataflow or outside its pool."""
+
+
+class StaleHandleError(PayloadError):
+    """A loaned-memory handle names memory that is gone or reused (producer exited, lease over)."""
+
+
+class PoolExhaustedError(ArrowTensorError):
+    """Every slot of a loaned-memory pool stayed loaned or held for the whole wait."""
+
+
+class CudaUnavailableError(ArrowTensorError):
+    """This process cannot share or open CUDA memory (no CUDA, no legacy IPC, unknown device)."""
+
+
+class BatchError(ArrowTensorError):
+    """Items cannot be stacked into one batch, or a batched value cannot be split per item."""
