@@ -1,0 +1,55 @@
+"""Structured payloads with thousands of leaves through a real dataflow, via the node API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+NODE = Path(__file__).resolve().parent / "structured_node.py"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.mark.timeout(240)
+def test_thousands_of_leaves_arrive_exact_and_verified(tmp_path: Path) -> None:
+    dora = VENV_BIN / "dora"
+    if not dora.exists():
+        pytest.skip("the dora CLI is not installed in this environment")
+    report = tmp_path / "report.json"
+    spec = {
+        "nodes": [
+            {"id": "sender", "path": str(NODE), "outputs": ["out"], "env": {"ROLE": "sender"}},
+            {
+                "id": "receiver",
+                "path": str(NODE),
+                "inputs": {"x": {"source": "sender/out", "queue_size": 100}},
+                "env": {"ROLE": "receiver", "REPORT": str(report)},
+            },
+        ]
+    }
+    dataflow = tmp_path / "dataflow.yml"
+    dataflow.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    run = subprocess.run(
+        [str(dora), "run", str(dataflow)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
+    result = json.loads(report.read_text())
+    assert result["errors"] == {}
+    assert result["results"] == [
+        {"seq": 0, "note": "message 0", "same": True},
+        {"seq": 1, "note": "message 1", "same": True},
+    ]

@@ -1,0 +1,104 @@
+"""The vision pipeline example, run with the real dora CLI: every frame back once, in order."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import yaml
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vision_pipeline"
+VENV_BIN = Path(sys.executable).parent
+FRAMES, WIDTH, HEIGHT = 24, 160, 120
+
+
+def dataflow_in(tmp_path: Path) -> Path:
+    """The example's dataflow with absolute node paths, so dora's out/ lands in tmp_path."""
+    spec = yaml.safe_load((EXAMPLE / "dataflow.yml").read_text())
+    for node in spec["nodes"]:
+        node["path"] = str((EXAMPLE / node["path"]).resolve())
+    path = tmp_path / "dataflow.yml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def load_example_node(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"vision_{name}", EXAMPLE / name / "main.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_png_writer_and_box_drawing(tmp_path: Path) -> None:
+    image = pytest.importorskip("matplotlib.image")
+    sink = load_example_node("sink")
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    sink.write_png(tmp_path / "x.png", rgb)
+    back = image.imread(tmp_path / "x.png")
+    assert (np.round(back * 255).astype(np.uint8) == rgb).all()
+    drawn = sink.draw_boxes(np.zeros((20, 30, 3), np.uint8), np.array([[2.0, 3, 12, 15]]), [1])
+    assert drawn[3, 2:14].tolist() == [sink.PALETTE[1].tolist()] * 12
+    assert drawn[9, 5].tolist() == [0, 0, 0]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_every_frame_comes_back_once_in_order_with_its_metadata(tmp_path: Path) -> None:
+    dora = VENV_BIN / "dora"
+    if not dora.exists():
+        pytest.skip("the dora CLI is not installed in this environment")
+    report_path, png_path = tmp_path / "report.json", tmp_path / "latest.png"
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FRAMES": str(FRAMES),
+        "FPS": "20",
+        "WIDTH": str(WIDTH),
+        "HEIGHT": str(HEIGHT),
+        "REPORT": str(report_path),
+        "OUTPUT_PNG": str(png_path),
+    }
+    run = subprocess.run(
+        [str(dora), "run", str(dataflow_in(tmp_path))],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    log = run.stdout[-4000:] + run.stderr[-2000:]
+    assert run.returncode == 0, log
+    assert report_path.exists(), log
+    report = json.loads(report_path.read_text())
+
+    assert report["frame_ids"] == list(range(FRAMES)), log
+    for i, frame in enumerate(report["frames"]):
+        metadata = frame["metadata"]
+        assert set(metadata) == {"frame_id", "tag", "t_ns", "width", "height"}
+        assert metadata["frame_id"] == i
+        assert metadata["tag"] == f"frame-{i:05d}"
+        assert (metadata["width"], metadata["height"]) == (WIDTH, HEIGHT)
+        assert isinstance(metadata["t_ns"], int)
+        assert frame["boxes"] == 5
+        assert frame["latency_ms"] > 0
+    assert [f["metadata"]["t_ns"] for f in report["frames"]] == sorted(
+        f["metadata"]["t_ns"] for f in report["frames"]
+    )
+    assert report["decode_errors"] == {}
+    assert "batcher: 24 items in" in run.stdout
+    assert "0 rejected" in run.stdout
+
+    png = png_path.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (WIDTH, HEIGHT)
