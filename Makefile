@@ -62,9 +62,11 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every method side by side (benchmarks/run.py), then the loaned shared-memory tensor's
+# latency from 4 KiB to 1 GiB on its own, warmed up (benchmarks/shm_latency.py).
 bench: install
-	@if [ -f benchmarks/run.py ]; then $(BIN)/python benchmarks/run.py; \
-	else echo "benchmarks/run.py does not exist yet"; exit 1; fi
+	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/shm_latency.py
 
 test-gpu: install
 	@if [ -d tests/gpu ]; then $(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS); \
