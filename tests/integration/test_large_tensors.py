@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 DATAFLOW = Path(__file__).parent / "dataflows" / "large_tensors" / "dataflow.yml"
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_tensors_past_the_message_cap_round_trip(tmp_path: Path) -> None:
+def test_tensors_past_the_message_cap_round_trip(tmp_path: Path, run_dora: Any) -> None:
     """1 GiB contiguous, a 288 MiB non-dense view and a 260 MiB channels_last numpy array.
 
     The receiver checks the checksum over the exact bytes sent, the content against a
     rebuilt copy, and (numpy) the strides; every case must need more than one message.
     """
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["REPORT"] = str(tmp_path / "report.json")
-    dora = shutil.which("dora", path=env["PATH"])
-    assert dora is not None, "the dora CLI is not installed next to this python"
-    proc = subprocess.run(
-        [dora, "run", str(DATAFLOW)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    proc = run_dora(DATAFLOW, env={"REPORT": str(tmp_path / "report.json")}, timeout=280)
     log = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, log
     report = json.loads((tmp_path / "report.json").read_text())
@@ -51,21 +35,10 @@ def test_tensors_past_the_message_cap_round_trip(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_too_small_pool_is_said_once_per_output_with_the_yaml_fix() -> None:
+def test_too_small_pool_is_said_once_per_output_with_the_yaml_fix(run_dora: Any) -> None:
     """A sender with dora's default 8 MB pool sends 16 MiB inline and raw messages."""
     dataflow = Path(__file__).parent / "dataflows" / "small_pool" / "dataflow.yml"
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    dora = shutil.which("dora", path=env["PATH"])
-    assert dora is not None
-    proc = subprocess.run(
-        [dora, "run", str(dataflow)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )
+    proc = run_dora(dataflow, timeout=100)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "RECEIVED 6" in out, out[-4000:]

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,14 +12,10 @@ import yaml
 pytestmark = pytest.mark.integration
 
 NODE = Path(__file__).resolve().parent / "structured_node.py"
-VENV_BIN = Path(sys.executable).parent
 
 
 @pytest.mark.timeout(240)
-def test_thousands_of_leaves_arrive_exact_and_verified(tmp_path: Path) -> None:
-    dora = VENV_BIN / "dora"
-    if not dora.exists():
-        pytest.skip("the dora CLI is not installed in this environment")
+def test_thousands_of_leaves_arrive_exact_and_verified(tmp_path: Path, run_dora: Any) -> None:
     report = tmp_path / "report.json"
     spec = {
         "nodes": [
@@ -36,16 +30,7 @@ def test_thousands_of_leaves_arrive_exact_and_verified(tmp_path: Path) -> None:
     }
     dataflow = tmp_path / "dataflow.yml"
     dataflow.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    run = subprocess.run(
-        [str(dora), "run", str(dataflow)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=220,
-        check=False,
-    )
+    run = run_dora(dataflow, cwd=tmp_path, timeout=220)
     assert run.returncode == 0, run.stdout[-4000:]
     result = json.loads(report.read_text())
     assert result["errors"] == {}

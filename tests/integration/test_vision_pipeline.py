@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
 import yaml
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vision_pipeline"
-VENV_BIN = Path(sys.executable).parent
 FRAMES, WIDTH, HEIGHT = 24, 160, 120
 
 
@@ -53,14 +50,11 @@ def test_png_writer_and_box_drawing(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
-def test_every_frame_comes_back_once_in_order_with_its_metadata(tmp_path: Path) -> None:
-    dora = VENV_BIN / "dora"
-    if not dora.exists():
-        pytest.skip("the dora CLI is not installed in this environment")
+def test_every_frame_comes_back_once_in_order_with_its_metadata(
+    tmp_path: Path, run_dora: Any
+) -> None:
     report_path, png_path = tmp_path / "report.json", tmp_path / "latest.png"
     env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "FRAMES": str(FRAMES),
         "FPS": "20",
         "WIDTH": str(WIDTH),
@@ -68,15 +62,7 @@ def test_every_frame_comes_back_once_in_order_with_its_metadata(tmp_path: Path) 
         "REPORT": str(report_path),
         "OUTPUT_PNG": str(png_path),
     }
-    run = subprocess.run(
-        [str(dora), "run", str(dataflow_in(tmp_path))],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
+    run = run_dora(dataflow_in(tmp_path), env=env, cwd=tmp_path, timeout=280)
     log = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, log
     assert report_path.exists(), log
