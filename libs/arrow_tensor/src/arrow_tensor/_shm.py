@@ -1041,14 +1041,22 @@ def _default_min_bytes() -> int:
     return _config.setting("ARROW_TENSOR_SHM_MIN_BYTES", _config.size, 64 << 20)
 
 
-def pool_takes(node: Any, output_id: str, value: Any, min_bytes: int | None = None) -> bool:
+def pool_takes(
+    node: Any,
+    output_id: str,
+    value: Any,
+    min_bytes: int | None = None,
+    *,
+    nbytes: int | None = None,
+) -> bool:
     """Whether ``value`` should go through ``output_id``'s pool (asked by the transport choice).
 
     A tensor loaned from this output's pool always does; another CPU tensor does when it has
     at least ``min_bytes`` (``ARROW_TENSOR_SHM_MIN_BYTES``, default 64 MiB: below that a copy
     into a slot measured no faster than dora's own message, and a message holds no slot)
     and ``route`` picks the pool. Cheap checks come first, so small messages pay almost
-    nothing for it.
+    nothing for it. ``nbytes``, the value's payload size when the caller knows it already,
+    spares asking torch again.
     """
     pool = _pools.get((id(node), output_id))
     if pool is not None and pool.node is node:  # something was loaned from this output
@@ -1057,12 +1065,13 @@ def pool_takes(node: Any, output_id: str, value: Any, min_bytes: int | None = No
             return False
         if pool.owns(address):
             return route_cached(node, output_id) == "shm"
-    if isinstance(value, np.ndarray):
-        nbytes = value.nbytes
-    elif _data_address(value) is not None:  # a CPU torch tensor
-        nbytes = value.numel() * value.element_size()
-    else:
-        return False
+    if nbytes is None:
+        if isinstance(value, np.ndarray):
+            nbytes = value.nbytes
+        elif _data_address(value) is not None:  # a CPU torch tensor
+            nbytes = value.numel() * value.element_size()
+        else:
+            return False
     if nbytes == 0 or nbytes < (_default_min_bytes() if min_bytes is None else min_bytes):
         return False
     return route_cached(node, output_id) == "shm"

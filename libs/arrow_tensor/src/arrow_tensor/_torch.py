@@ -13,6 +13,14 @@ from ._errors import UnsupportedTensorError
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BYTES = pa.uint8()  # pa.uint8() costs ~1 µs per call; decoding asks for it every message
+# Wire dtypes that an Arrow array can carry to torch through DLPack as themselves, sparing
+# a ``.view(dtype)`` per message (bool, complex and the unsigned types wider than a byte,
+# which older torch cannot import, go as bytes).
+_DLPACK_TYPES = {
+    d.name: pa.from_numpy_dtype(np.dtype(d.numpy))
+    for d in _dtypes.ALL
+    if d.numpy is not None and (np.dtype(d.numpy).kind in "if" or d.name == "uint8")
+}
 
 
 def is_tensor(x: object) -> bool:
@@ -25,6 +33,20 @@ def to_numpy_bits(t: Any) -> tuple[np.ndarray, _dtypes.DType]:
 
     Views that hold pending math (conjugate, negative bits) are resolved first, one copy.
     """
+    # The common case in one torch call: each costs microseconds, tens of them in a node
+    # woken by a message with cold caches. ``numpy()`` itself refuses what the checks below
+    # look for (autograd, other devices and layouts, conjugate or negative views, dtypes
+    # numpy lacks); those go the long way to get their specific error or resolution.
+    try:
+        bits = t.numpy()
+    except (RuntimeError, TypeError, ValueError):
+        return _to_numpy_bits_checked(t)
+    entry = _dtypes.from_numpy(bits.dtype)
+    return (bits if bits.dtype == entry.bits_view else bits.view(entry.bits_view)), entry
+
+
+def _to_numpy_bits_checked(t: Any) -> tuple[np.ndarray, _dtypes.DType]:
+    """``to_numpy_bits`` with every check spelled out."""
     if not (
         t.is_cpu
         and t.layout is torch.strided
@@ -77,12 +99,16 @@ def from_buffer(
     buf: pa.Buffer, entry: _dtypes.DType, shape: tuple[int, ...], strides: tuple[int, ...]
 ) -> Any:
     """A tensor viewing ``buf`` (no copy) with the given shape and element strides."""
+    # as_strided checks the view against the storage's size; one call instead of view+permute.
+    typed = _DLPACK_TYPES.get(entry.name)
+    if typed is not None and buf.size:
+        raw = pa.Array.from_buffers(typed, buf.size // entry.itemsize, [None, buf])
+        return torch.from_dlpack(raw).as_strided(shape, strides)
     dtype = _dtypes.torch_dtype(entry)
     if buf.size == 0:
         # Viewed, not allocated, as that dtype: allocating complex32 warns.
         return torch.empty(0, dtype=torch.uint8).view(dtype).as_strided(shape, strides)
     raw = pa.Array.from_buffers(_BYTES, buf.size, [None, buf])
-    # as_strided checks the view against the storage's size; one call instead of view+permute.
     return torch.from_dlpack(raw).view(dtype).as_strided(shape, strides)
 
 

@@ -75,8 +75,11 @@ def user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
             raise MetadataError(f"metadata keys must be str, got {type(key).__name__} {key!r}")
         if key.startswith(_schema.PREFIX) or key in RESERVED_KEYS or key.startswith("__dora"):
             raise MetadataError(f"metadata key {key!r} is reserved (by arrow_tensor or dora)")
-        out[key] = _plain(key, value)
+        out[key] = value if type(value) in _PLAIN_TYPES else _plain(key, value)
     return out
+
+
+_PLAIN_TYPES = frozenset((bool, int, float, str))
 
 
 def _plain(key: str, value: Any) -> Any:
@@ -134,6 +137,14 @@ def _has_raw(node: Any) -> bool:
     return callable(getattr(node, "send_output_raw", None))
 
 
+def _is_host_tensor(value: Any) -> bool:
+    """A numpy array or CPU torch tensor: spares ``is_device_array``'s slower torch checks."""
+    if isinstance(value, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor) and value.is_cpu
+
+
 def _tensor_plan(value: Any) -> TensorPlan | None:
     """The codec plan of a CPU tensor, or None for values another codec encodes."""
     if isinstance(value, np.ndarray) or (
@@ -184,7 +195,7 @@ def send(
     extra = user_metadata(metadata)
     if transport is not None and transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS} or None, got {transport!r}")
-    if is_device_array(value):
+    if not _is_host_tensor(value) and is_device_array(value):
         if choose_transport(node, output_id, Outgoing(0, 1, False, value)) == CUDA_IPC:
             try:
                 _cuda_ipc.send_ipc(node, output_id, value, extra, checksum)
@@ -197,7 +208,7 @@ def send(
         return _send_encoded(node, output_id, value, extra, checksum)
     width = p.header.dtype.storage.itemsize
     out = Outgoing(p.nbytes, width, p.needs_copy)
-    if transport is None and _shm.pool_takes(node, output_id, value):
+    if transport is None and _shm.pool_takes(node, output_id, value, nbytes=p.nbytes):
         if choose_transport(node, output_id, replace(out, pooled=True)) == SHM:
             if _shm.send_pooled(node, output_id, value, extra, checksum=checksum):
                 return SHM
