@@ -487,7 +487,7 @@ view[0] = 5.0  # breaks the read-only contract
     assert float(receive(node.sent[0])[0]) == 1.0
 
 
-def test_ordinary_tensors_below_64_mib_stay_dora_messages_by_default(
+def test_ordinary_tensors_below_dora_cap_stay_dora_messages_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from arrow_tensor import _transport
@@ -495,6 +495,7 @@ def test_ordinary_tensors_below_64_mib_stay_dora_messages_by_default(
     monkeypatch.delenv("ARROW_TENSOR_SHM_MIN_BYTES", raising=False)
     _shm._default_min_bytes.cache_clear()
     node = RecordingNode()
-    assert _transport.send(node, "out", np.ones(1 << 20)) == "inline"  # 8 MiB
-    assert _transport.send(node, "out", np.ones(8 << 20)) == "shm"  # 64 MiB
+    assert _shm._default_min_bytes() == 256 << 20
+    assert _transport.send(node, "out", np.ones(8 << 20)) == "inline"  # 64 MiB
+    assert _shm.pool_takes(node, "out", np.empty(256 << 20, dtype=np.uint8))
     _shm._default_min_bytes.cache_clear()

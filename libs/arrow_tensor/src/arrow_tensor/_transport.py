@@ -7,7 +7,7 @@ undoes it. In order:
 - ``cuda`` / ``host``: CUDA arrays go as IPC descriptors, or are copied to the host when a
   receiver cannot open them (``_cuda_ipc.ipc_reason``).
 - ``shm``: CPU tensors that arrow_tensor's own shared-memory pool takes
-  (``_shm.pool_takes``: loaned tensors, and tensors of 64 MiB or more when every receiver is
+  (``_shm.pool_takes``: loaned tensors, and tensors of 256 MiB or more when every receiver is
   on this machine) travel as a handle; if every slot is held they fall to the next choice.
 
 The rest are dora messages. Measured through dora on a 2-core VM
@@ -15,11 +15,11 @@ The rest are dora messages. Measured through dora on a 2-core VM
 
 - ``inline``: ``send_output`` of the encoded array. For a dense tensor the array is a view
   of the tensor's own memory, so the only copy is dora's own into its shared-memory sample
-  (64 MiB: 15.9 ms, raw dora 15.0 ms; compacting into a raw sample was no faster).
+  (64 MiB: 16.1 ms, raw dora 15.3 ms; compacting into a raw sample was no faster).
 - ``raw``: for payloads that need a copy anyway (non-dense or big-endian tensors), the
   payload is compacted straight into dora's outgoing sample (``send_output_raw``): one copy
   into warm, pooled pages instead of a fresh allocation plus dora's copy (non-dense 64 MiB:
-  28 ms against 41 ms inline and 42 ms for ``.contiguous()`` + ``pa.array``). Below 4 KiB
+  28 ms against 52 ms inline and 52 ms for ``.contiguous()`` + ``pa.array``). Below 4 KiB
   dora puts samples on the heap, unaligned, so small payloads stay inline.
 - ``chunked``: values whose message would exceed dora's 256 MiB cap; see
   Note [Chunks past dora's message cap] in _chunks.
