@@ -4,22 +4,14 @@ Input ``in``: a batched value (a tensor with a leading batch dimension, a dict o
 them, or a list with one entry per item) carrying the batcher's metadata, forwarded by the
 model node. Output ``out``: one message per item, in order, with that item's own metadata.
 A gap in ``batch_index`` (a batch dora dropped) is reported on stderr.
-
-Env: ITEM_GAP (default 1ms) between the items of one batch. dora's publisher drops a
-message, without a word, when it is handed the next one before its send task ran
-(zenoh's ``CongestionControl::Drop``): sent back to back on a loaded machine, items of a
-batch were lost in 4 of about 15 runs of the vision example. A millisecond per item lets
-that task run.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from arrow_tensor import _batch
-from arrow_tensor._config import duration, setting
 from arrow_tensor._errors import ArrowTensorError
 from arrow_tensor.node import Node
 
@@ -31,7 +23,6 @@ except ImportError:
 
 def main(node: Any = None) -> Node:
     """Run the unbatcher until its input closes; returns the node (for its counters)."""
-    gap = setting("ITEM_GAP", duration, 0.001)
     node = Node(node)
     expected_index = sent = 0
     for _, value, metadata in node:
@@ -47,9 +38,7 @@ def main(node: Any = None) -> Node:
             if index != expected_index:
                 print(f"unbatcher: batches {expected_index}..{index - 1} missing", file=sys.stderr)
             expected_index = index + 1
-        for i, (part, item_meta) in enumerate(zip(parts, items, strict=True)):
-            if i and gap:
-                time.sleep(gap)
+        for part, item_meta in zip(parts, items, strict=True):
             node.send("out", part, **item_meta)
         sent += len(parts)
     print(f"unbatcher: {sent} items sent from {expected_index} batches", file=sys.stderr)
