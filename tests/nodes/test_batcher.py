@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from arrow_tensor import _batch
 from arrow_tensor._errors import BatchError, ConfigError
-from batching_helpers import IDLE, RecordingMock, item_event, load_node
+from node_helpers import IDLE, RecordingMock, item_event, load_node
 
 torch = pytest.importorskip("torch")
 batcher = load_node("batcher")

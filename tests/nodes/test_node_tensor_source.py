@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections import deque
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import arrow_tensor as at
@@ -15,18 +13,7 @@ import pyarrow as pa
 import pytest
 from arrow_tensor import testing as tt
 from dora.testing import MockNode
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_node(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_main", ROOT / "nodes" / name / "main.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from node_helpers import load_node
 
 source_node = load_node("tensor_source")
 validator_node = load_node("validator")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from arrow_tensor import _batch
 from arrow_tensor._errors import BatchError
-from batching_helpers import RecordingMock, item_event, load_node
+from node_helpers import RecordingMock, item_event, load_node
 
 torch = pytest.importorskip("torch")
 unbatcher = load_node("unbatcher")
