@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import _schema
+from . import _codec, _schema
 from ._errors import MetadataError
 
 # Message kind (``at.kind``) -> (private module, function(array, meta, writable, verify)).
@@ -106,6 +106,10 @@ def decode(
         Subclasses of ``ArrowTensorError``; the message says what was received and what
         was expected.
     """
+    if not (writable or verify or device):
+        value = _codec.fast_decode(array, metadata)
+        if value is not None:
+            return value
     meta = _schema.check_envelope(metadata)
     kind = _schema.require(meta, _schema.KEY_KIND, str)
     target = _DECODERS.get(kind)

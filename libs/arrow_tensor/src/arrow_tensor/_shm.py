@@ -1041,6 +1041,11 @@ def _default_min_bytes() -> int:
     return _config.setting("ARROW_TENSOR_SHM_MIN_BYTES", _config.size, 256 << 20)
 
 
+def loaned_outputs() -> Mapping[tuple[int, str], Any]:
+    """``(id(node), output_id)`` of every output with a pool in this process (may loan)."""
+    return _pools
+
+
 def pool_takes(
     node: Any,
     output_id: str,

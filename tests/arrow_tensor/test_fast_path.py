@@ -1,0 +1,326 @@
+"""The fast paths (Note [The fast path] in _codec): same results as the full path, same errors.
+
+A stream's first message of a header goes the full way and teaches the fast path; the
+tests here send or decode every case at least twice and compare the second result with what
+the full path (``decode_tensor``, ``plan``) gives, and check that hostile messages with a
+learned header still get the full path's error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import arrow_tensor as at
+import numpy as np
+import pyarrow as pa
+import pytest
+from arrow_tensor import _codec, _schema, _transport
+from arrow_tensor._errors import MetadataError, PayloadError, UnsupportedTensorError
+from arrow_tensor._transport import Receiver, send
+from dora.testing import MockNode
+
+torch = pytest.importorskip("torch")
+
+
+def _numpy_layouts(dtype: np.dtype, tensors: Any) -> dict[str, np.ndarray]:
+    x = tensors.random_numpy((2, 3, 4, 5), dtype)
+    return {
+        "contiguous": x,
+        "transposed": x.transpose(3, 1, 0, 2),
+        "size1": x[:1, :, :1],
+        "scalar": x[0, 0, 0, 0, ...],
+    }
+
+
+def _torch_layouts(dtype: torch.dtype, tensors: Any) -> dict[str, torch.Tensor]:
+    x = tensors.random_torch((2, 3, 4, 5), dtype)
+    return {
+        "contiguous": x,
+        "channels_last": tensors.random_torch((2, 4, 5, 3), dtype).permute(0, 3, 1, 2),
+        "transposed": x.transpose(0, 3),
+        "size1": x[:1, :1],
+    }
+
+
+def _strides(x: Any) -> tuple[tuple[int, int], ...]:
+    """(dim, byte stride) of dims of size > 1."""
+    if isinstance(x, np.ndarray):
+        shape, strides = x.shape, x.strides
+    else:
+        shape, strides = tuple(x.shape), tuple(s * x.element_size() for s in x.stride())
+    return tuple((i, s) for i, (n, s) in enumerate(zip(shape, strides, strict=True)) if n > 1)
+
+
+def _same(fast: Any, full: Any, tensors: Any) -> None:
+    assert _strides(fast) == _strides(full)
+    if isinstance(full, np.ndarray):
+        assert not fast.flags.writeable
+        tensors.assert_same_numpy(fast, full)
+    else:
+        tensors.assert_same_torch(fast, full)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "size1", "scalar"])
+def test_numpy_decode_fast_path_matches_the_full_path(
+    numpy_dtype: np.dtype, layout: str, tensors: Any
+) -> None:
+    x = _numpy_layouts(numpy_dtype, tensors)[layout]
+    array, meta = at.encode(x)  # big-endian sources are compacted to little-endian here
+    full = _codec.decode_tensor(array, meta)
+    at.decode(array, meta)  # learns the header
+    fast = _codec.fast_decode(array, dict(meta))
+    if numpy_dtype == np.bool_:
+        assert fast is None  # every bool payload is scanned for bytes other than 0 and 1
+    else:
+        assert fast is not None, "a learned numpy header must take the fast path"
+        _same(fast, full, tensors)
+    _same(at.decode(array, dict(meta)), full, tensors)
+    _same(Receiver().receive(array, dict(meta)), full, tensors)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "size1"])
+def test_torch_decode_fast_path_matches_the_full_path(
+    torch_dtype: Any, layout: str, tensors: Any
+) -> None:
+    x = _torch_layouts(torch_dtype, tensors)[layout]
+    array, meta = at.encode(x)
+    full = _codec.decode_tensor(array, meta)
+    at.decode(array, meta)
+    fast = _codec.fast_decode(array, dict(meta))
+    has_numpy = _codec._dtypes.lookup(meta[_schema.KEY_DTYPE]).numpy_dtype is not None
+    if torch_dtype == torch.bool or not has_numpy:
+        assert fast is None  # scanned, or viewed through torch: the full path
+    else:
+        assert fast is not None
+        _same(fast, full, tensors)
+    _same(at.decode(array, dict(meta)), full, tensors)
+
+
+def test_fast_decode_leaves_bool_and_empty_to_the_full_path() -> None:
+    for x in (np.array([True, False]), np.zeros((0, 3), np.float32)):
+        array, meta = at.encode(x)
+        first = at.decode(array, meta)
+        assert _codec.fast_decode(array, dict(meta)) is None
+        np.testing.assert_array_equal(at.decode(array, dict(meta)), first)
+
+
+@pytest.fixture
+def learned() -> tuple[pa.Array, dict[str, Any]]:
+    """A float32 message whose header the fast path knows."""
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    array, meta = at.encode(x)
+    at.decode(array, meta)
+    assert _codec.fast_decode(array, dict(meta)) is not None
+    return array, meta
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (_schema.KEY_SHAPE, [True, 3, 4]),
+        (_schema.KEY_SHAPE, [2.0, 3, 4]),
+        (_schema.KEY_PERM, [False, 1, 2]),
+        (_schema.KEY_VERSION, True),
+        (_schema.KEY_VERSION, 1.0),
+    ],
+)
+def test_learned_header_with_equal_but_wrong_types_is_refused(
+    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any
+) -> None:
+    array, meta = learned
+    bad = {**meta, key: value}
+    assert _codec.fast_decode(array, bad) is None
+    with pytest.raises(MetadataError, match=key):
+        at.decode(array, bad)
+    with pytest.raises(MetadataError):
+        Receiver().receive(array, bad)
+
+
+def _hostile_arrays(array: pa.Array) -> dict[str, pa.Array]:
+    data = array.buffers()[1]
+    n = len(array)
+    return {
+        "longer": pa.Array.from_buffers(pa.uint32(), n + 1, [None, pa.py_buffer(bytes(4 * n + 4))]),
+        "shorter": array.slice(0, n - 1),
+        "nulls": pa.array([None, *range(n - 1)], type=pa.uint32()),
+        "float type": pa.Array.from_buffers(pa.float32(), n, [None, data]),
+        "chunked": pa.chunked_array([array]),
+        "not arrow": np.frombuffer(data, np.uint32),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["longer", "shorter", "nulls", "float type", "chunked", "not arrow"],
+)
+def test_learned_header_with_a_bad_payload_gets_the_full_paths_error(
+    learned: tuple[pa.Array, dict[str, Any]], case: str
+) -> None:
+    array, meta = learned
+    bad = _hostile_arrays(array)[case]
+    assert _codec.fast_decode(bad, dict(meta)) is None
+    with pytest.raises(PayloadError):
+        at.decode(bad, dict(meta))
+
+
+def test_sliced_payload_and_mutable_buffer(learned: tuple[pa.Array, dict[str, Any]]) -> None:
+    _, meta = learned
+    wider = pa.Array.from_buffers(
+        pa.uint32(), 26, [None, pa.py_buffer(np.arange(26, dtype=np.float32).copy())]
+    )
+    view = _codec.fast_decode(wider.slice(2, 24), dict(meta))
+    assert view is not None
+    np.testing.assert_array_equal(view.reshape(-1), np.arange(2, 26, dtype=np.float32))
+    assert not view.flags.writeable  # over a mutable py_buffer: flagged read-only anyway
+
+
+def test_header_cache_is_bounded_and_stays_correct() -> None:
+    for n in range(1, _codec._FAST_MAX + 40):
+        x = np.full(n, n, dtype=np.int16)
+        array, meta = at.encode(x)
+        for _ in range(2):
+            y = at.decode(array, dict(meta))
+            assert y.shape == (n,)
+            assert int(y[-1]) == n
+    assert len(_codec._FAST_DECODE) <= _codec._FAST_MAX
+
+
+# --- the sending side -----------------------------------------------------------------------
+
+
+class _Recorder(MockNode):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.sent: list[tuple[str, pa.Array, dict[str, Any]]] = []
+
+    def send_output(self, output_id: str, data: Any, metadata: dict | None = None) -> None:
+        self.sent.append((output_id, data, metadata or {}))
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "size1"])
+def test_send_fast_path_sends_what_the_full_path_sends(
+    framework: str, layout: str, tensors: Any
+) -> None:
+    if framework == "numpy":
+        x: Any = _numpy_layouts(np.dtype(np.float32), tensors)[layout]
+    else:
+        x = _torch_layouts(torch.float32, tensors)[layout]
+    node = _Recorder()
+    for i in range(3):
+        assert send(node, "out", x, {"i": i}) == "inline"
+    full_array, full_meta = at.encode(x)
+    dense = not _codec.plan(x).needs_copy
+    for i, (_, array, meta) in enumerate(node.sent):
+        assert meta == {**full_meta, "i": i}
+        assert array.equals(full_array)
+        if dense:  # the tensor's own memory, no copy
+            assert array.buffers()[1].address == full_array.buffers()[1].address
+    # Every message has lists of its own: a receiver keeping one cannot change the next.
+    assert node.sent[1][2][_schema.KEY_SHAPE] is not node.sent[2][2][_schema.KEY_SHAPE]
+    assert node.sent[1][2][_schema.KEY_PERM] is not node.sent[2][2][_schema.KEY_PERM]
+
+
+def test_send_fast_path_checks_user_metadata_every_time() -> None:
+    node = _Recorder()
+    x = np.zeros(16, np.float32)
+    send(node, "out", x, {"frame": 1})
+    send(node, "out", x, {"frame": 2})
+    with pytest.raises(MetadataError, match="reserved"):
+        send(node, "out", x, {"at.shape": [1]})
+    with pytest.raises(MetadataError, match="must be bool, int, float, str"):
+        send(node, "out", x, {"frame": object()})
+    send(node, "out", x, {"frame": np.int64(3)})  # made plain, as on the full path
+    assert node.sent[-1][2]["frame"] == 3
+    assert type(node.sent[-1][2]["frame"]) is int
+
+
+def test_send_fast_path_refuses_what_torch_numpy_refuses() -> None:
+    node = _Recorder()
+    x = torch.zeros(8)
+    send(node, "out", x)
+    send(node, "out", x)
+    grad = torch.ones(8, requires_grad=True) * 2  # t.numpy() refuses: the full path detaches
+    send(node, "out", grad)
+    send(node, "out", grad)
+    assert torch.equal(at.decode(node.sent[-1][1], node.sent[-1][2]), grad.detach())
+    with pytest.raises(UnsupportedTensorError):
+        send(node, "out", torch.zeros(2, 2).to_sparse())
+    y = torch.zeros(8, dtype=torch.complex64).conj()  # a conjugate view: resolved, one copy
+    send(node, "out", y)
+    send(node, "out", y)
+    decoded = at.decode(node.sent[-1][1], node.sent[-1][2])
+    assert torch.equal(decoded, y.resolve_conj())
+
+
+def test_send_fast_path_skips_outputs_that_may_loan(monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _Recorder()
+    x = np.zeros(16, np.float32)
+    send(node, "out", x)
+    calls: list[Any] = []
+    monkeypatch.setitem(_transport._LOANED, (id(node), "out"), object())
+    monkeypatch.setattr(
+        _transport._shm, "pool_takes", lambda *a, **k: calls.append(a) or False, raising=True
+    )
+    send(node, "out", x)
+    assert calls, "an output with a pool must ask the pool about every tensor"
+
+
+# --- compaction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["<f2", "<f4", "<f8", "<c8", "<c16", "|u1", "|b1", "<i8"])
+def test_compact_moves_bits_exactly(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_codec, "PARALLEL_COPY_BYTES", 0)
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, 64 * 48 * np.dtype(dtype).itemsize, dtype=np.uint8)
+    if dtype == "|b1":
+        raw &= 1
+    source = raw.view(dtype).reshape(64, 48)[:, ::3]  # NaN payloads, -0.0, subnormals
+    expected = np.ascontiguousarray(source)
+    dest = np.empty(source.shape, source.dtype)
+    _codec.compact(dest, source)
+    assert dest.tobytes() == expected.tobytes()
+
+
+def test_compact_takes_torch_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_codec, "PARALLEL_COPY_BYTES", 0)
+    used: list[str] = []
+    real_copyto = np.copyto
+    monkeypatch.setattr(np, "copyto", lambda d, s: used.append("numpy") or real_copyto(d, s))
+    base = np.arange(64, dtype=np.float32).reshape(8, 8)
+    cases = {
+        "strided": (base[:, ::2], "torch"),
+        "negative": (base[::-1, ::2], "numpy"),
+        "byteswap": (base.astype(">f4")[:, ::2], "numpy"),
+    }
+    readonly = base[:, ::2]
+    readonly.flags.writeable = False
+    cases["read-only"] = (readonly, "numpy")
+    for name, (source, expected) in cases.items():
+        used.clear()
+        dest = np.empty(source.shape, "<f4")
+        _codec.compact(dest, source)
+        assert (used[:1] or ["torch"])[0] == expected, name
+        np.testing.assert_array_equal(dest, source.astype("<f4"))
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_fast_views_keep_the_received_buffer_alive(framework: str) -> None:
+    import gc
+
+    x: Any = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    if framework == "torch":
+        x = torch.from_numpy(x.copy())
+    array, meta = at.encode(x)
+    at.decode(array, meta)
+    received = pa.Array.from_buffers(
+        pa.uint32(), 4096, [None, pa.py_buffer(bytes(array.buffers()[1]))]
+    )
+    y = _codec.fast_decode(received, dict(meta))
+    assert y is not None
+    del received
+    gc.collect()
+    _ = [bytearray(1 << 16) for _ in range(64)]  # reuse freed memory if it was freed
+    expected = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    np.testing.assert_array_equal(np.asarray(y), expected)
