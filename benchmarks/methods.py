@@ -55,6 +55,11 @@ def _contiguous_numpy(t: Any) -> np.ndarray:
     return t.contiguous().numpy()
 
 
+def _numpy_view(t: Any) -> np.ndarray:
+    """The tensor's own memory and strides as numpy (no copy): numpy in, numpy out."""
+    return t.numpy()
+
+
 # --- naive torch: what a node writes without a library. -----------------------------------
 
 
@@ -137,6 +142,14 @@ METHODS: dict[str, Method] = {
         Method("naive_torch", "naive torch (.contiguous().numpy())", _naive_send, _naive_receiver),
         Method("pickle5", "pickle protocol 5", _pickle_send, _pickle_receiver),
         Method("at", "arrow-tensor (auto)", _at_send(None), _at_receiver, max_bytes=None),
+        Method(
+            "at_numpy",
+            "arrow-tensor (auto), numpy in and out",
+            _at_send(None),
+            _at_receiver,
+            prepare=_numpy_view,
+            max_bytes=None,
+        ),
         Method("at_inline", "arrow-tensor inline", _at_send("inline"), _at_receiver),
         Method(
             "at_raw", "arrow-tensor raw one-copy", _at_send("raw"), _at_receiver, min_bytes=4096
