@@ -8,7 +8,7 @@ import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
 import pytest
-from arrow_tensor import _chunks, _schema, _transport
+from arrow_tensor import _chunks, _codec, _schema, _transport
 from arrow_tensor._codec import plan
 from arrow_tensor._errors import IncompleteTransferError, MetadataError, PayloadError
 from arrow_tensor._transport import Outgoing, Receiver, choose_transport, send
@@ -97,8 +97,10 @@ def _same(a: Any, b: Any) -> None:
         (Outgoing(1 << 20, 4, needs_copy=True), "raw"),
         (Outgoing(4095, 4, needs_copy=True), "inline"),
         (Outgoing(4096, 4, needs_copy=True), "raw"),
-        (Outgoing(200 << 20, 4, needs_copy=False), "inline"),
-        (Outgoing(250 << 20, 8, needs_copy=False), "inline"),
+        (Outgoing((4 << 20) - 1, 4, needs_copy=False), "inline"),
+        (Outgoing(4 << 20, 4, needs_copy=False), "raw"),  # copied on torch's threads
+        (Outgoing(200 << 20, 4, needs_copy=False), "raw"),
+        (Outgoing(250 << 20, 8, needs_copy=False), "inline"),  # as bytes it would not fit
         (Outgoing(250 << 20, 1, needs_copy=False), "chunked"),
         (Outgoing(240 << 20, 4, needs_copy=True), "chunked"),
         (Outgoing(1 << 30, 4, needs_copy=False), "chunked"),
@@ -106,8 +108,18 @@ def _same(a: Any, b: Any) -> None:
         (Outgoing(1 << 30, 4, needs_copy=False, pooled=True), "shm"),
     ],
 )
-def test_choose_transport(out: Outgoing, expected: str) -> None:
+def test_choose_transport(out: Outgoing, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_codec, "copies_in_parallel", lambda nbytes: nbytes >= 1 << 20)
     assert choose_transport(DoraLikeNode([]), "out", out) == expected
+
+
+def test_dense_payloads_stay_inline_without_a_parallel_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # dora's memcpy is as good
+    assert not _codec.copies_in_parallel(1 << 30)
+    out = Outgoing(200 << 20, 4, needs_copy=False)
+    assert choose_transport(DoraLikeNode([]), "out", out) == "inline"
 
 
 def test_choose_transport_without_raw_samples_stays_inline() -> None:

@@ -90,6 +90,12 @@ PARALLEL_COPY_BYTES = 1 << 20
 _SAME_WIDTH_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
+def copies_in_parallel(nbytes: int) -> bool:
+    """Whether ``compact`` can hand an ``nbytes`` copy to torch's threads (torch imported)."""
+    torch = sys.modules.get("torch")
+    return nbytes >= PARALLEL_COPY_BYTES and torch is not None and torch.get_num_threads() > 1
+
+
 def compact(dest: np.ndarray, source: np.ndarray) -> None:
     """``np.copyto(dest, source)``, bit for bit: the one copy of a non-dense payload.
 
@@ -100,18 +106,16 @@ def compact(dest: np.ndarray, source: np.ndarray) -> None:
     byte swap is needed and elements are 1, 2, 4 or 8 bytes wide: both sides are viewed as
     same-width integers, so the copy moves bits and never converts values.
     """
-    torch = sys.modules.get("torch")
     width = _SAME_WIDTH_INT.get(source.dtype.itemsize)
     if (
-        torch is None
-        or width is None
-        or source.nbytes < PARALLEL_COPY_BYTES
+        width is None
         or source.dtype != dest.dtype  # a byte swap: numpy's job
         or not (source.flags.writeable and dest.flags.writeable)
-        or torch.get_num_threads() < 2
+        or not copies_in_parallel(source.nbytes)
     ):
         np.copyto(dest, source)
         return
+    torch = sys.modules["torch"]
     try:
         bits = torch.from_numpy(source.view(width))
     except ValueError:  # negative strides, which torch cannot view
