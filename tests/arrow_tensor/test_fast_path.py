@@ -14,7 +14,7 @@ import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
 import pytest
-from arrow_tensor import _codec, _schema, _transport
+from arrow_tensor import _codec, _schema, _torch, _transport
 from arrow_tensor._errors import MetadataError, PayloadError, UnsupportedTensorError
 from arrow_tensor._transport import Receiver, send
 from dora.testing import MockNode
@@ -221,6 +221,55 @@ def test_send_fast_path_sends_what_the_full_path_sends(
     assert node.sent[1][2][_schema.KEY_PERM] is not node.sent[2][2][_schema.KEY_PERM]
 
 
+class _RawSample:
+    def __init__(self, node: _RawRecorder, output_id: str, nbytes: int, meta: dict) -> None:
+        self.node, self.output_id, self.meta = node, output_id, dict(meta)
+        self.buf = bytearray(nbytes)
+
+    def __enter__(self) -> memoryview:
+        self.view = memoryview(self.buf)
+        return self.view
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.release()
+        array = pa.array(np.frombuffer(bytes(self.buf), dtype=np.uint8))
+        self.node.sent.append((self.output_id, array, self.meta))
+
+
+class _RawRecorder(_Recorder):
+    """Like a real dora node: ``send_output_raw`` hands out a writable sample."""
+
+    def send_output_raw(self, output_id: str, nbytes: int, metadata: dict | None = None) -> Any:
+        return _RawSample(self, output_id, nbytes, metadata or {})
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+@pytest.mark.parametrize("big", [False, True], ids=["4 KiB", "4 MiB"])
+def test_send_fast_path_compacts_into_raw_samples(framework: str, big: bool, tensors: Any) -> None:
+    rows = 8192 if big else 8  # 4 MiB: compacted on torch's threads
+    x: Any = tensors.random_torch((rows, 256), torch.float32)[:, ::2]  # NaN payloads too
+    if framework == "numpy":
+        x = x.numpy()
+    node = _RawRecorder()
+    for i in range(3):
+        assert send(node, "out", x, {"i": i}) == "raw"
+    full_array, full_meta = at.encode(x)
+    for i, (_, array, meta) in enumerate(node.sent):
+        assert meta == {**full_meta, "i": i}
+        assert array.buffers()[1].to_pybytes() == full_array.buffers()[1].to_pybytes()
+        y = Receiver().receive(array, dict(meta))
+        assert type(y) is type(x)
+        assert np.asarray(y).tobytes() == np.ascontiguousarray(np.asarray(x)).tobytes()
+
+
+def test_send_fast_path_falls_back_inline_without_raw_samples() -> None:
+    node = _Recorder()  # MockNode: send_output_raw raises NotImplementedError
+    x = np.arange(4096, dtype=np.float32).reshape(64, 64)[:, ::2]
+    assert [send(node, "out", x) for _ in range(3)] == ["inline"] * 3
+    for _, array, meta in node.sent:
+        np.testing.assert_array_equal(at.decode(array, meta), x)
+
+
 def test_send_fast_path_checks_user_metadata_every_time() -> None:
     node = _Recorder()
     x = np.zeros(16, np.float32)
@@ -285,6 +334,7 @@ def test_compact_moves_bits_exactly(dtype: str, monkeypatch: pytest.MonkeyPatch)
 
 def test_compact_takes_torch_only_where_it_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_codec, "PARALLEL_COPY_BYTES", 0)
+    monkeypatch.setattr(_torch, "threads", lambda: 2)  # as on any multi-core machine
     used: list[str] = []
     real_copyto = np.copyto
     monkeypatch.setattr(np, "copyto", lambda d, s: used.append("numpy") or real_copyto(d, s))

@@ -109,7 +109,7 @@ def _same(a: Any, b: Any) -> None:
     ],
 )
 def test_choose_transport(out: Outgoing, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_codec, "copies_in_parallel", lambda nbytes: nbytes >= 1 << 20)
+    monkeypatch.setattr(_codec, "copies_in_parallel", lambda nbytes: nbytes >= 4 << 20)
     assert choose_transport(DoraLikeNode([]), "out", out) == expected
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -121,3 +123,66 @@ def private_copy(t: Any) -> Any:
     out = torch.empty_like(t, memory_format=torch.preserve_format)
     out.copy_(t)
     return out
+
+
+# --- the fast paths' torch calls (Note [The fast path] in _codec) -------------------------
+
+_NUMPY_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def threads() -> int:
+    """torch's intra-op threads (its copy kernel splits large copies over them)."""
+    return torch.get_num_threads()
+
+
+def copy_bits(dest: np.ndarray, source: np.ndarray) -> bool:
+    """Copy ``source`` into ``dest`` (same shape, same dtype, both writable) with torch's
+    threaded kernel, both viewed as same-width signed integers so that bits move and no value
+    is converted. False, having copied nothing, when torch cannot view them (element widths
+    other than 1, 2, 4 or 8 bytes, negative strides)."""
+    width = _NUMPY_SIGNED.get(source.dtype.itemsize)
+    if width is None:
+        return False
+    try:
+        bits = torch.from_numpy(source.view(width))
+    except ValueError:  # negative strides
+        return False
+    torch.from_numpy(dest.view(width)).copy_(bits)
+    return True
+
+
+def _pick_readonly_importer() -> Callable[[np.ndarray], Any]:
+    """The cheapest call that makes a tensor over a read-only numpy array without a warning.
+
+    ``torch.from_dlpack`` is a Python function that probes devices and keyword arguments on
+    every call; where the direct importer takes numpy's DLPack 1.0 capsule (which carries
+    the read-only flag) and shares its memory, that is used instead.
+    """
+    direct = getattr(torch._C, "_from_dlpack", None)
+    probe = np.arange(4, dtype=np.float32)
+    probe.flags.writeable = False
+    if direct is not None:
+        try:
+            t = direct(probe.__dlpack__(max_version=(1, 0)))
+            if t.data_ptr() == probe.ctypes.data and tuple(t.shape) == (4,):
+                return lambda a: direct(a.__dlpack__(max_version=(1, 0)))
+        except Exception:  # TypeError, BufferError, RuntimeError across numpy/torch pairs
+            pass
+    return torch.from_dlpack
+
+
+from_readonly_numpy = _pick_readonly_importer()
+"""A tensor over a read-only numpy array's memory: zero copy, no warning, same strides."""
+
+
+@functools.cache
+def takes_readonly_numpy(dtype: np.dtype) -> bool:
+    """Whether ``from_readonly_numpy`` imports arrays of ``dtype`` (NumPy >= 2.1 exports
+    read-only arrays as DLPack 1.0; older pairs refuse them, or lack the wide unsigned
+    types): messages it cannot take keep the full path's pyarrow route."""
+    probe = np.zeros(2, dtype)
+    probe.flags.writeable = False
+    try:
+        return tuple(from_readonly_numpy(probe).shape) == (2,)
+    except Exception:  # BufferError, TypeError, RuntimeError across versions
+        return False

@@ -64,8 +64,6 @@ HOST_COPY = "host"
 RAW_MIN_BYTES = 4096
 """dora puts smaller samples on the heap, unaligned for typed views: keep those inline."""
 
-RAW_DENSE_BYTES = 4 << 20
-"""Dense payloads from this size are copied into the sample on torch's threads, when it can."""
 
 DORA_DEFAULT_POOL_BYTES = 8 << 20
 """A node's shared-memory pool when neither the YAML nor ``DORA_NODE_SHM_POOL_SIZE`` sets it."""
@@ -157,8 +155,7 @@ def choose_transport(node: Any, output_id: str, out: Outgoing) -> str:
     if out.needs_copy and out.nbytes >= RAW_MIN_BYTES and _has_raw(node):
         return RAW
     if (
-        out.nbytes >= RAW_DENSE_BYTES
-        and _codec.copies_in_parallel(out.nbytes)
+        _codec.copies_in_parallel(out.nbytes)  # 4 MiB or more, and torch with threads
         and _chunks.fits_one_message(out.nbytes, 1)  # a raw sample is bytes
         and _has_raw(node)
     ):
@@ -226,8 +223,9 @@ def send(
         For values or metadata arrow_tensor cannot send.
     """
     # The fast path (Note [The fast path] in _codec), inline: a frame costs microseconds in a
-    # node woken by a message. A dense CPU tensor whose (dtype, shape, strides) this output
-    # sent before goes as its own bytes plus a copy of the header's metadata.
+    # node woken by a message. A CPU tensor whose (dtype, shape, strides) this output sent
+    # before as one dora message goes the same way with the decision and header remembered:
+    # its own bytes (inline), or compacted into dora's sample (raw).
     kind = type(value)
     if transport is None and not checksum and (kind is np.ndarray or kind is _torch_tensor()):
         bits = value if kind is np.ndarray else _numpy_or_none(value)
@@ -244,13 +242,21 @@ def send(
                     meta.update(metadata)
                 if entry.perm is not None:
                     bits = bits.transpose(entry.perm)
-                data = pa.py_buffer(bits)
-                node.send_output(
-                    output_id,
-                    pa.Array.from_buffers(entry.arrow_type, entry.length, [None, data]),
-                    meta,
-                )
-                return INLINE
+                if not entry.raw:
+                    data = pa.py_buffer(bits)
+                    node.send_output(
+                        output_id,
+                        pa.Array.from_buffers(entry.arrow_type, entry.length, [None, data]),
+                        meta,
+                    )
+                    return INLINE
+                try:
+                    with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
+                        target = np.frombuffer(sample, bits.dtype, entry.length)
+                        _codec.compact(target.reshape(bits.shape), bits)
+                    return RAW
+                except NotImplementedError:  # dora.testing.MockNode: nothing was sent
+                    _FAST_SEND[key] = None
     extra = user_metadata(metadata)
     if transport is not None and transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS} or None, got {transport!r}")
@@ -300,12 +306,16 @@ def send(
 
 @dataclass(frozen=True, slots=True)
 class _FastSend:
-    """A layout ``send`` has planned and found dense and inline on one output."""
+    """A layout ``send`` has planned on one output and found to be one dora message."""
 
     node: Any
     """Held so that ``id(node)`` in the key cannot be reused while the entry lives."""
+    raw: bool
+    """Compacted into a ``send_output_raw`` sample, else the tensor's own bytes inline."""
     arrow_type: pa.DataType
     length: int
+    """Elements of ``arrow_type`` (inline), or of the tensor (raw)."""
+    nbytes: int
     perm: tuple[int, ...] | None
     """Transpose into physical order first (None: already C-ordered)."""
     metadata: dict[str, Any]
@@ -336,26 +346,30 @@ def _numpy_or_none(t: Any) -> np.ndarray | None:
 
 
 def _learn_send(node: Any, output_id: str, value: Any, key: tuple[Any, ...]) -> _FastSend | None:
-    """Plan ``value`` as the full path would; an entry when that path is a plain inline send."""
+    """Plan ``value`` as the full path would; an entry when that path is one plain message.
+
+    Inline: a dense tensor. Raw: compaction of a native-order payload (a byte swap, rare,
+    keeps the full path).
+    """
     entry = None
     try:
         p = _codec.plan(value)
         out = Outgoing(p.nbytes, p.header.dtype.storage.itemsize, p.needs_copy)
-        if (
-            not p.needs_copy
-            and p.nbytes
-            and not _shm.pool_takes(node, output_id, value, nbytes=p.nbytes)
-            and choose_transport(node, output_id, out) == INLINE
-        ):
+        choice = None
+        if p.nbytes and not _shm.pool_takes(node, output_id, value, nbytes=p.nbytes):
+            choice = choose_transport(node, output_id, out)
+        raw = choice == RAW and p.source.dtype.isnative
+        if (choice == INLINE and not p.needs_copy) or raw:
+            width = 1 if raw else out.width
             if p.nbytes >= RAW_MIN_BYTES:  # the one pool check of this layout on this output
-                _warn_if_pool_too_small(
-                    node, output_id, _chunks.ipc_message_bytes(p.nbytes, out.width)
-                )
+                _warn_if_pool_too_small(node, output_id, _chunks.ipc_message_bytes(p.nbytes, width))
             perm = p.header.perm
             entry = _FastSend(
                 node=node,
+                raw=raw,
                 arrow_type=_codec.storage_type(out.width),
-                length=p.nbytes // out.width,
+                length=p.header.numel if raw else p.nbytes // out.width,
+                nbytes=p.nbytes,
                 perm=None if _layout.is_identity(perm) else perm,
                 metadata=p.header.to_metadata(),
             )
