@@ -8,6 +8,7 @@ learned header still get the full path's error.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import arrow_tensor as at
@@ -222,16 +223,19 @@ def test_send_fast_path_sends_what_the_full_path_sends(
 
 
 class _RawSample:
+    """Like dora's sample: refuses to be sent while a view of it (a numpy array) is alive."""
+
     def __init__(self, node: _RawRecorder, output_id: str, nbytes: int, meta: dict) -> None:
         self.node, self.output_id, self.meta = node, output_id, dict(meta)
         self.buf = bytearray(nbytes)
 
-    def __enter__(self) -> memoryview:
-        self.view = memoryview(self.buf)
-        return self.view
+    def __enter__(self) -> bytearray:
+        self.refs = sys.getrefcount(self.buf) + 1  # the caller's name for it
+        return self.buf
 
     def __exit__(self, *exc: object) -> None:
-        self.view.release()
+        if sys.getrefcount(self.buf) > self.refs:
+            raise RuntimeError("Cannot send: buffer view(s) are still open")
         array = pa.array(np.frombuffer(bytes(self.buf), dtype=np.uint8))
         self.node.sent.append((self.output_id, array, self.meta))
 

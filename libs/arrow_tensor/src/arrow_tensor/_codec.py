@@ -77,12 +77,18 @@ class TensorPlan:
 
     def write_into(self, dest: Any) -> None:
         """Write the payload into the first ``nbytes`` bytes of the writable buffer ``dest``."""
-        if self.nbytes == 0:
-            return
-        target = np.frombuffer(
-            dest, dtype=self.source.dtype.newbyteorder("<"), count=self.header.numel
-        )
-        compact(target.reshape(self.source.shape), self.source)
+        write_into(dest, self.source)
+
+
+def write_into(dest: Any, source: np.ndarray) -> None:
+    """Compact ``source`` (physical order) into the writable buffer ``dest``, little-endian.
+
+    No view of ``dest`` outlives the call: dora refuses to send a sample that still has one.
+    """
+    if source.size == 0:
+        return
+    target = np.frombuffer(dest, dtype=source.dtype.newbyteorder("<"), count=source.size)
+    compact(target.reshape(source.shape), source)
 
 
 PARALLEL_COPY_BYTES = 4 << 20

@@ -252,8 +252,7 @@ def send(
                     return INLINE
                 try:
                     with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
-                        target = np.frombuffer(sample, bits.dtype, entry.length)
-                        _codec.compact(target.reshape(bits.shape), bits)
+                        _codec.write_into(sample, bits)
                     return RAW
                 except NotImplementedError:  # dora.testing.MockNode: nothing was sent
                     _FAST_SEND[key] = None

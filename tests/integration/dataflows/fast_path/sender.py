@@ -1,0 +1,32 @@
+"""Sends every case REPEATS times, one message in flight, and says which took the fast path."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from arrow_tensor import _transport
+from cases import CASES, REPEATS, make
+from dora import Node
+
+
+def main() -> None:
+    node = Node()
+    for name in CASES:
+        vias = []
+        for i in range(REPEATS):
+            vias.append(_transport.send(node, "data", make(name, i), {"case": name, "i": i}))
+            ev = node.next(timeout=60)
+            while ev is not None and ev["type"] != "INPUT":
+                ev = node.next(timeout=60)
+            assert ev is not None, f"no ack for {name} {i}"
+        fast = any(entry is not None for entry in _transport._FAST_SEND.values())
+        print(f"CASE {name} via {'+'.join(sorted(set(vias)))} fast_entries={fast}", flush=True)
+        _transport._FAST_SEND.clear()  # the next case must learn its own layout
+    print("SENDER DONE", flush=True)
+
+
+if __name__ == "__main__":
+    main()
