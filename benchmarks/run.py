@@ -274,9 +274,34 @@ def print_table(rows: list[dict[str, Any]], memcpy: dict[int, float]) -> None:
     )
 
 
-def markdown(rows: list[dict[str, Any]], checks: list[str], memcpy: dict[int, float]) -> str:
-    """The table as Markdown (``summary.md``), for the README."""
+def pivot(rows: list[dict[str, Any]], layout: str) -> list[str]:
+    """One-way p50 (ms) of ``layout``, a method per row and a size per column (Markdown)."""
+    sizes = sorted({r["size"] for r in rows if r["layout"] == layout})
+    cell = {
+        (r["method"], r["size"]): f"{r['latency_p50_ms']:.2f}"
+        for r in rows
+        if r["layout"] == layout and "latency_p50_ms" in r
+    }
     out = [
+        f"{layout}, one-way p50 in ms:",
+        "",
+        "| method | " + " | ".join(human(x) for x in sizes) + " |",
+        "|---" * (len(sizes) + 1) + "|",
+    ]
+    for name in METHODS:
+        if any((name, x) in cell for x in sizes):
+            out.append(f"| {name} | " + " | ".join(cell.get((name, x), "–") for x in sizes) + " |")
+    return [*out, ""]
+
+
+def markdown(rows: list[dict[str, Any]], checks: list[str], memcpy: dict[int, float]) -> str:
+    """The run as Markdown (``summary.md``): p50 per layout, the targets, every figure."""
+    out: list[str] = []
+    for layout in LAYOUTS:
+        if any(r["layout"] == layout for r in rows):
+            out += pivot(rows, layout)
+    out += ["Targets (issue 6):", ""] + [f"- {c}" for c in checks] + ["", "Every case:", ""]
+    out += [
         "| size | layout | method | p50 ms | p90 ms | GB/s | send CPU ms | decode ms | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -293,7 +318,6 @@ def markdown(rows: list[dict[str, Any]], checks: list[str], memcpy: dict[int, fl
                 f"| {human(r['size'])} | {r['layout']} | {r['method']} | - | - | - | - | - | "
                 f"{r.get('note', '')} |"
             )
-    out += ["", "Targets (issue 6):", ""] + [f"- {c}" for c in checks]
     out += [
         "",
         "memcpy (warm, one thread): "
@@ -345,12 +369,17 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
                     f"{layout} {human(size)}: best dora-message transport ({best[1]}) / "
                     f"{other} = {best[0] / base:.2f} (target >= {goal})"
                 )
-    small, big = get.get(("at", "contiguous", 4 << 10)), get.get(("at", "contiguous", 64 << 20))
-    if small and big:
-        lines.append(
-            f"decode 64 MiB / 4 KiB = {big['decode_ms']:.3f} / {small['decode_ms']:.3f}"
-            f" ms = {big['decode_ms'] / small['decode_ms']:.2f}x (target <= 2)"
-        )
+    # Decoding touches no payload byte, but after a 64 MiB copy every cache is cold: raw
+    # dora's own two calls slow down as much (benchmarks/codec_micro.py measures decode in a
+    # warm loop, where 4 KiB and 64 MiB take the same time).
+    for m in ("at_numpy", "at", "raw_dora"):
+        small, big = get.get((m, "contiguous", 4 << 10)), get.get((m, "contiguous", 64 << 20))
+        if small and big:
+            lines.append(
+                f"decode 64 MiB / 4 KiB ({m}) = {big['decode_ms']:.3f} / "
+                f"{small['decode_ms']:.3f} ms = {big['decode_ms'] / small['decode_ms']:.2f}x"
+                + (" (target <= 2)" if m != "raw_dora" else " (reference)")
+            )
     raw = get.get(("raw_dora", "contiguous", 4 << 10))
     for m, note in (
         ("at_numpy", "numpy in and out, like raw dora"),
@@ -482,6 +511,20 @@ def machine_description(memcpy: dict[int, float], load: str) -> str:
     return "\n".join(lines)
 
 
+def render(outdir: Path) -> int:
+    """Re-derive the targets, ``summary.md`` and ``latency.png`` of a finished run."""
+    data = json.loads((outdir / "results.json").read_text())
+    rows, memcpy = data["rows"], {int(k): v for k, v in data["memcpy_gbs"].items()}
+    checks = targets(rows)
+    data["targets"] = checks
+    (outdir / "results.json").write_text(json.dumps(data, indent=1))
+    (outdir / "summary.md").write_text(markdown(rows, checks, memcpy))
+    title = f"one-way latency through dora, float32 tensors ({outdir.name})"
+    plot(rows, memcpy, outdir / "latency.png", title)
+    print("\n".join(checks))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and iterations")
@@ -490,7 +533,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", help=f"comma-separated among {LAYOUTS}")
     ap.add_argument("--methods", help=f"comma-separated among {list(METHODS)}")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds for the dataflow")
+    ap.add_argument(
+        "--render",
+        metavar="DIR",
+        help="rebuild summary.md and latency.png of a results folder from its results.json",
+    )
     args = ap.parse_args(argv)
+    if args.render:
+        return render(Path(args.render))
 
     sizes = [
         parse_size(s)
