@@ -137,6 +137,44 @@ def test_learned_header_with_equal_but_wrong_types_is_refused(
         Receiver().receive(array, bad)
 
 
+class _LooksLikeFloat32:
+    """Equal to, and hashed like, "float32" without being a str."""
+
+    def __eq__(self, other: object) -> bool:
+        return other == "float32"
+
+    def __hash__(self) -> int:
+        return hash("float32")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (_schema.KEY_SHAPE, {2: 0, 3: 0, 4: 0}),
+        (_schema.KEY_SHAPE, range(2, 5)),
+        (_schema.KEY_PERM, {0: 1, 1: 1, 2: 1}),
+        (_schema.KEY_DTYPE, _LooksLikeFloat32()),
+    ],
+)
+def test_learned_header_with_equal_lookalike_values_is_refused(
+    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any
+) -> None:
+    array, meta = learned
+    bad = {**meta, key: value}
+    assert _codec.fast_decode(array, bad) is None
+    with pytest.raises(MetadataError):
+        at.decode(array, bad)
+
+
+def test_a_refused_lookalike_first_does_not_spoil_the_valid_header() -> None:
+    x = np.arange(35, dtype=np.float32).reshape(5, 7)  # a header no other test uses
+    array, meta = at.encode(x)
+    with pytest.raises(MetadataError):
+        at.decode(array, {**meta, _schema.KEY_SHAPE: [5.0, 7]})
+    at.decode(array, meta)
+    assert _codec.fast_decode(array, dict(meta)) is not None
+
+
 def _hostile_arrays(array: pa.Array) -> dict[str, pa.Array]:
     data = array.buffers()[1]
     n = len(array)

@@ -355,6 +355,8 @@ _HEADER_VALUES = operator.itemgetter(
 """The six header values in one call."""
 _FAST_MAX = 256
 _INTS = frozenset((int,))
+_SEQUENCES = frozenset((list, tuple))
+_UNSEEN = object()
 _STORAGE_CLASSES = frozenset((pa.UInt8Array, pa.UInt16Array, pa.UInt32Array, pa.UInt64Array))
 """The payload array classes, by exact class (one set lookup)."""
 
@@ -369,17 +371,25 @@ def fast_decode(array: Any, meta: Any) -> Any | None:
         return None
     try:
         version, kind, framework, dtype, shape, perm = _HEADER_VALUES(meta)
-        key = (version, kind, framework, dtype, tuple(shape), tuple(perm))
-    except (KeyError, TypeError):  # a key missing, or shape/perm not lists: the full path
+    except KeyError:  # not a plain tensor message: the full path
         return None
-    try:
-        entry = _FAST_DECODE[key]
-    except KeyError:
+    # Values that equal valid ones without being of the schema's types (True or 1.0 for 1,
+    # a str look-alike, a set for a list) go the full path, which refuses them; checked
+    # before the lookup so that they can neither hit nor poison an entry.
+    if (
+        type(version) is not int
+        or not type(kind) is type(framework) is type(dtype) is str
+        or type(shape) not in _SEQUENCES
+        or type(perm) not in _SEQUENCES
+        or not _INTS.issuperset(map(type, shape))
+        or not _INTS.issuperset(map(type, perm))
+    ):
+        return None
+    key = (version, kind, framework, dtype, tuple(shape), tuple(perm))
+    entry = _FAST_DECODE.get(key, _UNSEEN)
+    if entry is _UNSEEN:
         entry = _learn(key, meta)
-    except TypeError:  # an unhashable value: not ours to judge here
-        return None
-    # Equal keys can hide True or 1.0 for 1, which the full path refuses.
-    if entry is None or type(key[0]) is not int or not _INTS.issuperset(map(type, key[4] + key[5])):
+    if entry is None:
         return None
     if type(array) not in _STORAGE_CLASSES:
         return None

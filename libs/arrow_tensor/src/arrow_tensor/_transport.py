@@ -582,10 +582,14 @@ class Receiver:
         done = self._chunks.add(array, meta)
         if done is None:
             return None
-        plain_tensor = done[1].get(_schema.KEY_KIND) == _schema.KIND_TENSOR
-        # The reassembly buffer is already private: a lone tensor over it needs no second
-        # copy, only numpy's flag; a structure is copied leaf by leaf as decode does.
-        value = decode(done[0], done[1], self.writable and not plain_tensor, self.verify)
+        if done[1].get(_schema.KEY_KIND) == _schema.KIND_TENSOR:
+            # The reassembly buffer is already private: a lone tensor over it needs no second
+            # copy, only numpy's flag, so it is viewed by the full decoder (the fast path's
+            # views come from pyarrow, read-only for good).
+            meta = _schema.check_envelope(done[1])
+            value = _codec.decode_tensor(done[0], meta, False, self.verify)
+        else:  # a structure is copied leaf by leaf, as decode does
+            value = decode(done[0], done[1], self.writable, self.verify)
         if self.writable and isinstance(value, np.ndarray) and not value.flags.writeable:
             try:
                 value.flags.writeable = True
