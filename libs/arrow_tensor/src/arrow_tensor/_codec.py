@@ -320,14 +320,15 @@ def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) ->
 # dora, 4 KiB: one ``array.null_count`` 3.9 µs, ``np.frombuffer`` 8.5 µs; the full decode
 # path 157 µs against 19 µs in a warm loop). So the first message of a header goes the full
 # way (``decode_tensor``: every check) and leaves a ``_FastDecode`` behind; the next ones with
-# exactly that header (value types re-checked) are checked against it (payload class, nulls
-# and length, in one ``to_numpy`` call) and viewed with one ``np.ndarray`` call, plus one
-# DLPack import for torch. Headers the fast path does not take (bool, which needs a scan;
-# empty tensors; dtypes without numpy form) are remembered as such. The sending side has
+# exactly that header (value types checked first: ``True`` or ``1.0`` equal ``1`` in a dict
+# key) are checked against it (payload class, nulls and length, in one ``to_numpy`` call)
+# and viewed with one ``np.ndarray`` call, plus one DLPack import for torch. Headers the
+# fast path does not take (bool, which needs a scan; empty tensors; dtypes without numpy
+# form) are remembered as such. The sending side has
 # the same shortcut in ``_transport.send``: per output and (dtype, shape, strides), the
 # transport decision and the header's metadata. Through dora, numpy in and out, the
-# per-message cost over raw dora's own ``pa.array`` / ``to_numpy`` went from 378 µs to about
-# 10 µs at 4 KiB (benchmarks/results/reference).
+# per-message cost over raw dora's own ``pa.array`` / ``to_numpy`` went from 378 µs to
+# 19-30 µs at 4 KiB (benchmarks/README.md).
 
 
 @dataclass(frozen=True, slots=True)
