@@ -64,7 +64,6 @@ HOST_COPY = "host"
 RAW_MIN_BYTES = 4096
 """dora puts smaller samples on the heap, unaligned for typed views: keep those inline."""
 
-
 DORA_DEFAULT_POOL_BYTES = 8 << 20
 """A node's shared-memory pool when neither the YAML nor ``DORA_NODE_SHM_POOL_SIZE`` sets it."""
 
@@ -322,8 +321,6 @@ class _FastSend:
 
 _FAST_SEND: dict[tuple[Any, ...], _FastSend | None] = {}
 _FAST_SEND_MAX = 256
-
-
 _UNSEEN = object()
 _LOANED = _shm.loaned_outputs()
 """Outputs that may loan slots: their sends take the full path, which knows a loaned tensor."""
