@@ -38,6 +38,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -80,15 +81,6 @@ def user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _is_plain(metadata: Any) -> bool:
-    """True when ``user_metadata(metadata)`` would be an equal copy: add it as it is."""
-    return (
-        type(metadata) is dict
-        and _KEYS_OK.issuperset(metadata)
-        and _PLAIN_TYPES.issuperset(map(type, metadata.values()))
-    )
-
-
 def _check_key(key: Any) -> None:
     if not isinstance(key, str):
         raise MetadataError(f"metadata keys must be str, got {type(key).__name__} {key!r}")
@@ -101,6 +93,7 @@ def _check_key(key: Any) -> None:
 
 
 _PLAIN_TYPES = frozenset((bool, int, float, str))
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _KEYS_OK: set[str] = set()
 """User metadata keys checked before (a node sends the same few over and over)."""
 
@@ -233,12 +226,20 @@ def send(
             entry = _FAST_SEND.get(key, _UNSEEN)
             if entry is _UNSEEN:
                 entry = _learn_send(node, output_id, value, key)
-            if entry is not None and (not metadata or _is_plain(metadata)):
-                meta = entry.metadata.copy()  # fresh lists: a receiver may keep what it got
-                meta[_schema.KEY_SHAPE] = list(bits.shape)
-                meta[_schema.KEY_PERM] = list(entry.metadata[_schema.KEY_PERM])
-                if metadata:
-                    meta.update(metadata)
+            if entry is not None and (
+                not metadata
+                or (  # user_metadata would return an equal copy: take it as it is
+                    type(metadata) is dict
+                    and _KEYS_OK.issuperset(metadata)
+                    and _PLAIN_TYPES.issuperset(map(type, metadata.values()))
+                )
+            ):
+                meta = {  # fresh shape and perm lists: a receiver may keep what it was given
+                    **entry.metadata,
+                    _schema.KEY_SHAPE: list(bits.shape),
+                    _schema.KEY_PERM: list(entry.metadata[_schema.KEY_PERM]),
+                    **(metadata or _NO_METADATA),
+                }
                 if entry.perm is not None:
                     bits = bits.transpose(entry.perm)
                 if not entry.raw:
