@@ -324,9 +324,9 @@ def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) ->
 # key) are checked against it (payload class, nulls and length, in one ``to_numpy`` call)
 # and viewed with one ``np.ndarray`` call, plus one DLPack import for torch. Headers the
 # fast path does not take (bool, which needs a scan; empty tensors; dtypes without numpy
-# form) are remembered as such. The sending side has
-# the same shortcut in ``_transport.send``: per output and (dtype, shape, strides), the
-# transport decision and the header's metadata. Through dora, numpy in and out, the
+# form) are remembered as such. The sending side has the same shortcut in
+# ``_transport.send``: per output and (dtype, shape, strides), the transport decision and
+# the header's metadata. Through dora, numpy in and out, the
 # per-message cost over raw dora's own ``pa.array`` / ``to_numpy`` went from 378 µs to
 # 19-30 µs at 4 KiB (benchmarks/README.md).
 
@@ -358,8 +358,8 @@ _FAST_MAX = 256
 _INTS = frozenset((int,))
 _SEQUENCES = frozenset((list, tuple))
 _UNSEEN = object()
-_STORAGE_CLASSES = frozenset((pa.UInt8Array, pa.UInt16Array, pa.UInt32Array, pa.UInt64Array))
-"""The payload array classes, by exact class (one set lookup)."""
+_STORAGE_CLASSES = frozenset(type(pa.array([], type=t)) for t in _STORAGE_TYPES)
+"""The array classes of the storage types, by exact class (one set lookup)."""
 
 
 def fast_decode(array: Any, meta: Any) -> Any | None:
