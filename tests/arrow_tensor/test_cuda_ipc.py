@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
-from arrow_tensor import _cuda_backend, _cuda_ipc, _shm, _transport
+from arrow_tensor import _cuda_backend, _cuda_ipc, _schema, _shm, _transport
 from arrow_tensor._errors import (
     ChecksumError,
     CudaUnavailableError,
@@ -374,7 +374,22 @@ def test_expandable_segments_are_detected_without_a_gpu() -> None:
 
 
 def _valid(sb: Any) -> tuple[pa.Array, dict[str, Any]]:
-    return at.encode(host(sb, np.arange(64, dtype=np.float32).reshape(8, 8)))
+    array, meta = at.encode(host(sb, np.arange(64, dtype=np.float32).reshape(8, 8)))
+    assert meta[_schema.KEY_TENSOR] == "numpy;float32;8,8;0,1"
+    return array, meta
+
+
+def _with_header(meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``meta`` with some of its ``at.tensor`` fields replaced, unvalidated."""
+    header = _schema.parse_text(meta[_schema.KEY_TENSOR])
+    values = {
+        "framework": header.framework,
+        "dtype": header.dtype.name,
+        "shape": header.shape,
+        "perm": header.perm,
+        **fields,
+    }
+    return {**meta, _schema.KEY_TENSOR: _schema.pack(**values)}
 
 
 @pytest.mark.parametrize(
@@ -387,8 +402,21 @@ def _valid(sb: Any) -> tuple[pa.Array, dict[str, Any]]:
             MetadataError,
             "past the end",
         ),
-        (lambda a, m: (a, {**m, "at.shape": [8, 1 << 40]}), MetadataError, "past the end"),
-        (lambda a, m: (a, {**m, "at.shape": [8, -8]}), MetadataError, "negative"),
+        (lambda a, m: (a, _with_header(m, shape=[8, 1 << 40])), MetadataError, "past the end"),
+        # A negative dimension has no canonical decimal form: refused as such.
+        (lambda a, m: (a, _with_header(m, shape=[8, -8])), MetadataError, "without signs"),
+        (
+            lambda a, m: (a, _with_header(m, shape=[1 << 40] * 3, perm=[0, 1, 2])),
+            MetadataError,
+            r"spans more than 2\*\*62 bytes",
+        ),
+        (lambda a, m: (a, _with_header(m, perm=[0, 2])), MetadataError, "permutation"),
+        (lambda a, m: (a, _with_header(m, framework="jax")), MetadataError, "must be one of"),
+        (
+            lambda a, m: (a, {**m, "at.tensor": m["at.tensor"].encode()}),
+            MetadataError,
+            "'at.tensor' must be str",
+        ),
         (lambda a, m: (a, {**m, "at.cuda.offset": -1}), MetadataError, "must be in"),
         (lambda a, m: (a, {**m, "at.cuda.offset": 2}), MetadataError, "not aligned"),
         (lambda a, m: (a, {**m, "at.cuda.device_uuid": "GPU-../../x"}), MetadataError, "look like"),
@@ -448,12 +476,9 @@ def test_a_handle_naming_a_foreign_file_is_refused(sb: Any) -> None:
 def test_descriptor_bounds_property(shape: list[int], offset: int, alloc: int) -> None:
     """Whatever the numbers, a parsed descriptor's bytes lie inside its allocation."""
     meta = {
-        "at.version": 1,
+        "at.version": _schema.VERSION,
         "at.kind": "cuda",
-        "at.framework": "numpy",
-        "at.dtype": "float32",
-        "at.shape": shape,
-        "at.perm": list(range(len(shape))),
+        "at.tensor": _schema.pack("numpy", "float32", shape, range(len(shape))),
         "at.cuda.backend": "standin",
         "at.cuda.offset": offset,
         "at.cuda.alloc_size": alloc,
@@ -482,9 +507,8 @@ def test_a_real_cuda_descriptor_on_a_machine_without_cuda_says_so(sb: Any) -> No
     pytest.importorskip("torch")
     array, meta = _valid(sb)
     real = {
-        **meta,
+        **_with_header(meta, framework="torch"),
         "at.cuda.backend": "cuda",
-        "at.framework": "torch",
         "at.cuda.device_uuid": "GPU-6a0b4b1e-3c5d-4f00-9e8f-1234567890ab",
     }
     with pytest.raises(CudaUnavailableError, match="not visible to this process"):
@@ -733,7 +757,7 @@ def test_a_process_cannot_open_its_own_cuda_handles(
     """CUDA refuses it; the error says so instead of a raw CUDA error code."""
     pytest.importorskip("torch")
     array, meta = _valid(sb)
-    real = {**meta, "at.cuda.backend": "cuda", "at.framework": "torch"}
+    real = {**_with_header(meta, framework="torch"), "at.cuda.backend": "cuda"}
     # Play a machine where the producer's device is visible (there is no GPU here).
     monkeypatch.setattr(_cuda_backend.TorchCudaBackend, "local_device", lambda *_: 0)
     with pytest.raises(CudaUnavailableError, match="open its own IPC handles"):

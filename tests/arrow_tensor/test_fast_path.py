@@ -88,7 +88,7 @@ def test_torch_decode_fast_path_matches_the_full_path(
     full = _codec.decode_tensor(array, meta)
     at.decode(array, meta)
     fast = _codec.fast_decode(array, dict(meta))
-    has_numpy = _codec._dtypes.lookup(meta[_schema.KEY_DTYPE]).numpy_dtype is not None
+    has_numpy = _schema.parse_text(meta[_schema.KEY_TENSOR]).dtype.numpy_dtype is not None
     if torch_dtype == torch.bool or not has_numpy:
         assert fast is None  # scanned, or viewed through torch: the full path
     else:
@@ -105,74 +105,239 @@ def test_fast_decode_leaves_bool_and_empty_to_the_full_path() -> None:
         np.testing.assert_array_equal(at.decode(array, dict(meta)), first)
 
 
+LEARNED_SHAPE = (2, 3, 4)
+
+
 @pytest.fixture
 def learned() -> tuple[pa.Array, dict[str, Any]]:
     """A float32 message whose header the fast path knows."""
-    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    x = np.arange(24, dtype=np.float32).reshape(LEARNED_SHAPE)
     array, meta = at.encode(x)
+    assert meta == {
+        _schema.KEY_VERSION: _schema.VERSION,
+        _schema.KEY_KIND: _schema.KIND_TENSOR,
+        _schema.KEY_TENSOR: "numpy;float32;2,3,4;0,1,2",
+    }
     at.decode(array, meta)
     assert _codec.fast_decode(array, dict(meta)) is not None
     return array, meta
 
 
+def _text(shape: Any = LEARNED_SHAPE, perm: Any = (0, 1, 2), dtype: Any = "float32") -> str:
+    """An ``at.tensor`` text like the learned one, unvalidated (``_schema.pack``)."""
+    return _schema.pack("numpy", dtype, shape, perm)
+
+
+def _assert_only_exact_str_keys() -> None:
+    """No look-alike was ever stored as a cache key (where it could answer for a real text)."""
+    assert all(type(k) is str for k in _codec._FAST_DECODE)
+    assert all(type(k) is str for k in _schema._HEADERS)
+
+
+NOT_DIMS = "must be decimal integers separated by ','"
+
+
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "value", "match"),
     [
-        (_schema.KEY_SHAPE, [True, 3, 4]),
-        (_schema.KEY_SHAPE, [2.0, 3, 4]),
-        (_schema.KEY_PERM, [False, 1, 2]),
-        (_schema.KEY_VERSION, True),
-        (_schema.KEY_VERSION, 1.0),
+        # Values equal to valid ones (or to version 1's) in a dict key, of the wrong type.
+        (_schema.KEY_VERSION, True, "'at.version' must be int, got bool"),
+        (_schema.KEY_VERSION, 1.0, "'at.version' must be int, got float"),
+        (_schema.KEY_VERSION, float(_schema.VERSION), "'at.version' must be int, got float"),
+        (_schema.KEY_VERSION, np.int64(_schema.VERSION), "'at.version' must be int, got int64"),
+        # Texts whose numbers int() reads as the learned ones, in a form the schema refuses.
+        (_schema.KEY_TENSOR, _text(shape=[True, 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=[2.0, 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(perm=[False, 1, 2]), f"the perm {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=["02", 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=["+2", 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=[" 2", 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=[2, 3, "4 "]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=["2_0", 3, 4]), f"the shape {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(shape=["\uff12", 3, 4]), f"the shape {NOT_DIMS}"),  # fullwidth 2
+        (_schema.KEY_TENSOR, _text(shape=["\u0662", 3, 4]), f"the shape {NOT_DIMS}"),  # Arabic 2
+        (_schema.KEY_TENSOR, _text(perm=["-0", 1, 2]), f"the perm {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(perm=["00", 1, 2]), f"the perm {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(perm=[0, 1, 2, ""]), f"the perm {NOT_DIMS}"),
+        (_schema.KEY_TENSOR, _text(dtype="float32 "), "unknown dtype 'float32 '"),
+        (_schema.KEY_TENSOR, _text(dtype="<f4"), "unknown dtype '<f4'"),
+        (_schema.KEY_TENSOR, _text() + ";", "4 fields separated by ';'"),
+        (_schema.KEY_TENSOR, " " + _text(), "the framework must be one of"),
     ],
 )
 def test_learned_header_with_equal_but_wrong_types_is_refused(
-    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any
+    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any, match: str
 ) -> None:
     array, meta = learned
     bad = {**meta, key: value}
     assert _codec.fast_decode(array, bad) is None
-    with pytest.raises(MetadataError, match=key):
+    with pytest.raises(MetadataError, match=match):
         at.decode(array, bad)
-    with pytest.raises(MetadataError):
+    with pytest.raises(MetadataError, match=match):
         Receiver().receive(array, bad)
+    assert _codec.fast_decode(array, dict(meta)) is not None  # the learned entry is intact
+    _assert_only_exact_str_keys()
 
 
-class _LooksLikeFloat32:
-    """Equal to, and hashed like, "float32" without being a str."""
+class _LooksLike:
+    """Equal to, and hashed like, ``value`` without being of its type."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
 
     def __eq__(self, other: object) -> bool:
-        return other == "float32"
+        return other == self.value
 
     def __hash__(self) -> int:
-        return hash("float32")
+        return hash(self.value)
+
+
+_LEARNED_TEXT = "numpy;float32;2,3,4;0,1,2"
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "value", "match"),
     [
-        (_schema.KEY_SHAPE, {2: 0, 3: 0, 4: 0}),
-        (_schema.KEY_SHAPE, range(2, 5)),
-        (_schema.KEY_PERM, {0: 1, 1: 1, 2: 1}),
-        (_schema.KEY_DTYPE, _LooksLikeFloat32()),
+        (_schema.KEY_TENSOR, _LooksLike(_LEARNED_TEXT), "'at.tensor' must be str, got _LooksLike"),
+        (_schema.KEY_TENSOR, _LEARNED_TEXT.encode(), "'at.tensor' must be str, got bytes"),
+        (_schema.KEY_TENSOR, _LEARNED_TEXT.split(";"), "'at.tensor' must be str, got list"),
+        (_schema.KEY_TENSOR, None, "'at.tensor' must be str, got NoneType"),
+        (_schema.KEY_VERSION, _LooksLike(_schema.VERSION), "'at.version' must be int"),
+        (_schema.KEY_KIND, b"tensor", "'at.kind' must be str, got bytes"),
+        (_schema.KEY_KIND, _LooksLike("tensor"), "'at.kind' must be str, got _LooksLike"),
     ],
 )
 def test_learned_header_with_equal_lookalike_values_is_refused(
-    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any
+    learned: tuple[pa.Array, dict[str, Any]], key: str, value: Any, match: str
 ) -> None:
     array, meta = learned
     bad = {**meta, key: value}
     assert _codec.fast_decode(array, bad) is None
-    with pytest.raises(MetadataError):
+    with pytest.raises(MetadataError, match=match):
         at.decode(array, bad)
+    with pytest.raises(MetadataError, match=match):
+        Receiver().receive(array, bad)
+    _assert_only_exact_str_keys()
 
 
-def test_a_refused_lookalike_first_does_not_spoil_the_valid_header() -> None:
-    x = np.arange(35, dtype=np.float32).reshape(5, 7)  # a header no other test uses
+class _Text(str):
+    """A str subclass: never a key of the fast path's or the header memo's cache."""
+
+
+def test_learned_text_as_a_str_subclass_takes_the_full_path(
+    learned: tuple[pa.Array, dict[str, Any]],
+) -> None:
+    array, meta = learned
+    subclassed = {**meta, _schema.KEY_TENSOR: _Text(meta[_schema.KEY_TENSOR])}
+    assert _codec.fast_decode(array, subclassed) is None
+    expected = np.arange(24, dtype=np.float32).reshape(LEARNED_SHAPE)
+    for y in (at.decode(array, subclassed), Receiver().receive(array, subclassed)):
+        np.testing.assert_array_equal(y, expected)  # validated from its own characters
+        assert not y.flags.writeable
+    hostile = {**meta, _schema.KEY_TENSOR: _Text(_text(perm=[0, 1, 3]))}
+    assert _codec.fast_decode(array, hostile) is None
+    with pytest.raises(MetadataError, match=r"the perm must be a permutation of 0\.\.2"):
+        at.decode(array, hostile)
+    _assert_only_exact_str_keys()
+
+
+def _pretender(content: str, learned_text: str) -> str:
+    """A str of ``content`` that hashes like ``learned_text`` and claims to equal it."""
+
+    class Pretender(str):
+        def __eq__(self, other: object) -> bool:
+            return other == learned_text or str.__eq__(self, other)
+
+        def __ne__(self, other: object) -> bool:
+            return not self.__eq__(other)
+
+        def __hash__(self) -> int:
+            return hash(learned_text)
+
+    text = Pretender(content)
+    assert text == learned_text
+    assert hash(text) == hash(learned_text)
+    assert {learned_text: "hit"}.get(text) == "hit"  # a dict lookup would be fooled
+    return text
+
+
+@pytest.mark.parametrize(
+    ("content", "outcome"),
+    [
+        # Other valid headers over the same 96 bytes: must be viewed as themselves.
+        (_text(shape=(6, 4), perm=(1, 0)), np.arange(24, dtype=np.float32).reshape(4, 6).T),
+        (_text(dtype="int32"), np.arange(24, dtype=np.float32).view(np.int32).reshape(2, 3, 4)),
+        (_text(perm=(2, 1, 0)), np.arange(24, dtype=np.float32).reshape(4, 3, 2).transpose()),
+        # Refused headers: their own error, never the learned view.
+        (_text(shape=(2, 3, 5)), (PayloadError, "describe 120 bytes")),
+        (_text(perm=(0, 1, 5)), (MetadataError, "the perm must be a permutation of 0..2")),
+        (_text(shape=("2", "3", "-4")), (MetadataError, f"the shape {NOT_DIMS}")),
+        (_text(dtype="float99"), (MetadataError, "unknown dtype 'float99'")),
+        ("numpy;float32", (MetadataError, "4 fields separated by ';'")),
+        ("x" * (_schema.MAX_HEADER_CHARS + 1), (MetadataError, "at most 4096 are allowed")),
+    ],
+    ids=[
+        "other shape",
+        "other dtype",
+        "other perm",
+        "longer",
+        "bad perm",
+        "negative",
+        "bad dtype",
+        "fields",
+        "too long",
+    ],
+)
+def test_str_subclass_pretending_to_be_a_learned_text_is_not_served_by_the_cache(
+    learned: tuple[pa.Array, dict[str, Any]], content: str, outcome: Any
+) -> None:
+    array, meta = learned
+    learned_text = meta[_schema.KEY_TENSOR]
+    assert learned_text in _codec._FAST_DECODE
+    bad = {**meta, _schema.KEY_TENSOR: _pretender(content, learned_text)}
+    assert _codec.fast_decode(array, bad) is None
+    assert _codec.fast_decode(array, dict(bad)) is None
+    if isinstance(outcome, np.ndarray):
+        for y in (at.decode(array, bad), Receiver().receive(array, bad)):
+            assert y.dtype == outcome.dtype
+            assert y.shape == outcome.shape
+            assert y.strides == outcome.strides
+            assert y.tobytes() == outcome.tobytes()
+    else:
+        error, match = outcome
+        with pytest.raises(error, match=match):
+            at.decode(array, bad)
+        with pytest.raises(error, match=match):
+            Receiver().receive(array, bad)
+    _assert_only_exact_str_keys()
+    # The learned text still gets its own view, from the fast path.
+    y = _codec.fast_decode(array, dict(meta))
+    assert y is not None
+    np.testing.assert_array_equal(y, np.arange(24, dtype=np.float32).reshape(LEARNED_SHAPE))
+
+
+def test_a_refused_lookalike_first_does_not_spoil_the_valid_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_codec, "_FAST_DECODE", {})  # no header learned yet
+    x = np.arange(35, dtype=np.float32).reshape(5, 7)
     array, meta = at.encode(x)
-    with pytest.raises(MetadataError):
-        at.decode(array, {**meta, _schema.KEY_SHAPE: [5.0, 7]})
+    text = meta[_schema.KEY_TENSOR]
+    with pytest.raises(MetadataError, match=f"the shape {NOT_DIMS}"):
+        at.decode(
+            array, {**meta, _schema.KEY_TENSOR: _schema.pack("numpy", "float32", [5.0, 7], [0, 1])}
+        )
+    with pytest.raises(MetadataError, match=r"'at\.version' must be int, got float"):
+        at.decode(array, {**meta, _schema.KEY_VERSION: float(_schema.VERSION)})
+    with pytest.raises(MetadataError, match=r"'at\.tensor' must be str"):
+        at.decode(array, {**meta, _schema.KEY_TENSOR: _LooksLike(text)})
+    with pytest.raises(MetadataError, match="the perm must be a permutation"):
+        at.decode(array, {**meta, _schema.KEY_TENSOR: _pretender(_text((5, 7), (0, 7)), text)})
+    np.testing.assert_array_equal(at.decode(array, {**meta, _schema.KEY_TENSOR: _Text(text)}), x)
+    assert text not in _codec._FAST_DECODE  # none of them taught the fast path anything
     at.decode(array, meta)
     assert _codec.fast_decode(array, dict(meta)) is not None
+    _assert_only_exact_str_keys()
 
 
 def _hostile_arrays(array: pa.Array) -> dict[str, pa.Array]:
@@ -200,6 +365,36 @@ def test_learned_header_with_a_bad_payload_gets_the_full_paths_error(
     assert _codec.fast_decode(bad, dict(meta)) is None
     with pytest.raises(PayloadError):
         at.decode(bad, dict(meta))
+
+
+def test_another_learned_text_over_this_payload_is_viewed_as_that_text(
+    learned: tuple[pa.Array, dict[str, Any]],
+) -> None:
+    """The cache answers for the text a message carries, never for the payload it came with."""
+    array, meta = learned
+    other = np.arange(30, dtype=np.float32).reshape(2, 3, 5)  # learned too, 120 bytes
+    other_array, other_meta = at.encode(other)
+    at.decode(other_array, other_meta)
+    assert _codec.fast_decode(other_array, dict(other_meta)) is not None
+    swapped = {**meta, _schema.KEY_TENSOR: other_meta[_schema.KEY_TENSOR]}
+    assert _codec.fast_decode(array, swapped) is None
+    with pytest.raises(PayloadError, match="holds 96 bytes but dtype and shape describe 120"):
+        at.decode(array, swapped)
+    assert _codec.fast_decode(other_array, dict(meta)) is None
+    with pytest.raises(PayloadError, match="holds 120 bytes but dtype and shape describe 96"):
+        at.decode(other_array, dict(meta))
+    # The same 96 bytes under another learned header: that header's view, not the first's.
+    same_size = np.arange(24, dtype=np.int32).reshape(4, 6).T
+    same_array, same_meta = at.encode(same_size)
+    at.decode(same_array, same_meta)
+    relabelled = {**meta, _schema.KEY_TENSOR: same_meta[_schema.KEY_TENSOR]}
+    y = _codec.fast_decode(array, relabelled)
+    assert y is not None
+    assert (y.dtype, y.shape, y.strides) == (np.int32, (6, 4), (4, 24))
+    assert y.tobytes(order="A") == np.arange(24, dtype=np.float32).tobytes()
+    x = _codec.fast_decode(array, dict(meta))
+    assert x is not None
+    assert (x.dtype, x.shape) == (np.float32, LEARNED_SHAPE)
 
 
 def test_sliced_payload_and_mutable_buffer(learned: tuple[pa.Array, dict[str, Any]]) -> None:
@@ -255,9 +450,25 @@ def test_send_fast_path_sends_what_the_full_path_sends(
         assert array.equals(full_array)
         if dense:  # the tensor's own memory, no copy
             assert array.buffers()[1].address == full_array.buffers()[1].address
-    # Every message has lists of its own: a receiver keeping one cannot change the next.
-    assert node.sent[1][2][_schema.KEY_SHAPE] is not node.sent[2][2][_schema.KEY_SHAPE]
-    assert node.sent[1][2][_schema.KEY_PERM] is not node.sent[2][2][_schema.KEY_PERM]
+    # Every message has a dict of its own: a receiver changing one cannot change the next.
+    assert len({id(meta) for _, _, meta in node.sent}) == len(node.sent)
+    for _, _, meta in node.sent:
+        meta[_schema.KEY_TENSOR] = "numpy;uint8;1;0"
+        meta[_schema.KEY_VERSION] = 1
+        del meta[_schema.KEY_KIND]
+    assert send(node, "out", x, {"i": 3}) == "inline"
+    assert node.sent[-1][2] == {**full_meta, "i": 3}
+    # The same without user metadata (the cached header's metadata, copied).
+    for _ in range(3):
+        assert send(node, "out", x) == "inline"
+    plain = node.sent[-3:]
+    assert [meta for _, _, meta in plain] == [full_meta] * 3
+    assert len({id(meta) for _, _, meta in plain}) == 3
+    plain[0][2].clear()
+    plain[1][2][_schema.KEY_TENSOR] = "numpy;uint8;1;0"
+    assert send(node, "out", x) == "inline"
+    assert node.sent[-1][2] == full_meta
+    assert full_meta == at.encode(x)[1]
 
 
 class _RawSample:
@@ -317,8 +528,19 @@ def test_send_fast_path_checks_user_metadata_every_time() -> None:
     x = np.zeros(16, np.float32)
     send(node, "out", x, {"frame": 1})
     send(node, "out", x, {"frame": 2})
-    with pytest.raises(MetadataError, match="reserved"):
-        send(node, "out", x, {"at.shape": [1]})
+    # An at. key would override the cached header's metadata: refused every time.
+    for key, value in [
+        (_schema.KEY_TENSOR, "numpy;float32;4,4;0,1"),
+        (_schema.KEY_TENSOR, "numpy;float32;16;0"),  # even the true header
+        (_schema.KEY_VERSION, _schema.VERSION),
+        (_schema.KEY_KIND, _schema.KIND_TENSOR),
+        ("at.shape", 16),  # a version-1 key: still in the reserved at. namespace
+    ]:
+        with pytest.raises(MetadataError, match="reserved"):
+            send(node, "out", x, {key: value})
+        with pytest.raises(MetadataError, match="reserved"):
+            send(node, "out", x, {"frame": 4, key: value})
+    assert all(meta[_schema.KEY_TENSOR] == "numpy;float32;16;0" for _, _, meta in node.sent)
     with pytest.raises(MetadataError, match="must be bool, int, float, str"):
         send(node, "out", x, {"frame": object()})
     send(node, "out", x, {"frame": np.int64(3)})  # made plain, as on the full path

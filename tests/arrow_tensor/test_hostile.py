@@ -14,11 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from arrow_tensor import _schema
 
 
 @pytest.fixture
 def message() -> tuple[pa.Array, dict[str, Any]]:
-    """A valid float32 [3, 4] numpy message (48 payload bytes)."""
+    """A valid float32 [3, 4] numpy message (48 bytes): at.tensor 'numpy;float32;3,4;0,1'."""
     return at.encode(np.arange(12, dtype=np.float32).reshape(3, 4))
 
 
@@ -34,6 +35,41 @@ def _with(meta: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 
 _DROP = object()
+
+
+def _text(
+    shape: Any = (3, 4), perm: Any = (0, 1), dtype: Any = "float32", framework: Any = "numpy"
+):
+    """The message's at.tensor with some fields replaced (unvalidated: hostile on purpose)."""
+    return _schema.pack(framework, dtype, shape, perm)
+
+
+def _refused(text: str, detail: str) -> str:
+    """The start of the MetadataError parse_text raises for ``text``: it names the header."""
+    return f"'at.tensor' {text[:160]!r}: {detail}"
+
+
+def _not_dims(text: str, name: str, field: str) -> str:
+    """The whole message refusing a shape or perm field that is not canonical decimals."""
+    return _refused(
+        text,
+        f"{name} must be decimal integers separated by ',' without signs, spaces or leading "
+        f"zeros, got {field!r}",
+    )
+
+
+def _bad_framework(text: str, got: str) -> str:
+    """The whole message refusing a framework field."""
+    frameworks = "('numpy', 'torch', 'cupy', 'pyarrow.cuda')"
+    return _refused(text, f"the framework must be one of {frameworks}, got {got!r}")
+
+
+def _field_count(text: str, kind: str = "str") -> str:
+    """The whole message refusing a header that does not have exactly 4 fields."""
+    return (
+        "'at.tensor' must be '<framework>;<dtype>;<shape>;<perm>' (4 fields separated by ';'), "
+        f"got {len(text.split(';'))} field(s) in {kind} {text!r}"
+    )
 
 
 def test_every_error_is_an_arrow_tensor_value_error() -> None:
@@ -52,91 +88,404 @@ def test_every_error_is_an_arrow_tensor_value_error() -> None:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["kind", "framework", "dtype", "shape", "perm"])
+@pytest.mark.parametrize("key", ["kind", "tensor"])
 def test_missing_key(message, key: str) -> None:
     array, meta = message
     with pytest.raises(at.MetadataError, match=re.escape(f"metadata lacks 'at.{key}'")):
         at.decode(array, _with(meta, **{key: _DROP}))
 
 
+def test_version_1_keys_do_not_stand_in_for_at_tensor(message) -> None:
+    """A version-2 message carrying the version-1 header keys instead of at.tensor."""
+    array, meta = message
+    old = {"at.framework": "numpy", "at.dtype": "float32", "at.shape": [3, 4], "at.perm": [0, 1]}
+    with pytest.raises(at.MetadataError, match=re.escape("metadata lacks 'at.tensor'")):
+        at.decode(array, _with(meta, tensor=_DROP) | old)
+
+
+_JAX = _text(framework="jax")
+_NONE = _text(framework="None")
+_EMPTY_FRAMEWORK = _text(framework="")
+
+
 @pytest.mark.parametrize(
     ("key", "value", "fragment"),
     [
         ("version", True, "'at.version' must be int, got bool True"),
-        ("version", 1.0, "'at.version' must be int, got float 1.0"),
-        ("version", "1", "'at.version' must be int, got str '1'"),
+        ("version", 2.0, "'at.version' must be int, got float 2.0"),
+        ("version", "2", "'at.version' must be int, got str '2'"),
         ("kind", 1, "'at.kind' must be str, got int 1"),
-        ("framework", "jax", "'at.framework' must be one of ('numpy', 'torch'"),
-        ("framework", "jax", "got 'jax'"),
-        ("framework", None, "'at.framework' must be str, got NoneType None"),
-        ("dtype", 5, "'at.dtype' must be str, got int 5"),
-        ("shape", "[3, 4]", "'at.shape' must be list/tuple, got str '[3, 4]'"),
-        ("shape", [3.0, 4], "'at.shape' must be a list of int, got list [3.0, 4]"),
-        ("shape", [True, 4], "'at.shape' must be a list of int, got list [True, 4]"),
-        ("shape", [np.int64(3), 4], "'at.shape' must be a list of int"),
-        ("shape", 12, "'at.shape' must be list/tuple, got int 12"),
-        ("perm", [0, 1.0], "'at.perm' must be a list of int, got list [0, 1.0]"),
-        ("perm", [False, True], "'at.perm' must be a list of int, got list [False, True]"),
+        # framework field (was at.framework)
+        ("tensor", _JAX, _refused(_JAX, "the framework must be one of ('numpy', 'torch'")),
+        ("tensor", _JAX, "got 'jax'"),
+        ("tensor", _NONE, _bad_framework(_NONE, "None")),
+        ("tensor", _NONE, "got 'None'"),
+        ("tensor", _EMPTY_FRAMEWORK, _bad_framework(_EMPTY_FRAMEWORK, "")),
+        ("tensor", None, "'at.tensor' must be str, got NoneType None"),
+        # dtype field (was at.dtype)
+        ("tensor", _text(dtype=5), "unknown dtype '5'; expected one of bool, uint8"),
+        ("tensor", 5, "'at.tensor' must be str, got int 5"),
+        # shape field (was at.shape): what a list of non-int spells as text
+        (
+            "tensor",
+            "numpy;float32;[3, 4];0,1",
+            _not_dims("numpy;float32;[3, 4];0,1", "the shape", "[3, 4]"),
+        ),
+        ("tensor", _text((3.0, 4)), _not_dims(_text((3.0, 4)), "the shape", "3.0,4")),
+        ("tensor", _text((True, 4)), _not_dims(_text((True, 4)), "the shape", "True,4")),
+        (
+            "tensor",
+            _text((repr(np.int64(3)), 4)),
+            _not_dims(_text((repr(np.int64(3)), 4)), "the shape", f"{np.int64(3)!r},4"),
+        ),
+        ("tensor", _text((12,)), _refused(_text((12,)), "the perm must be a permutation of 0..0")),
+        ("tensor", 12, "'at.tensor' must be str, got int 12"),
+        # perm field (was at.perm)
+        ("tensor", _text(perm=(0, 1.0)), _not_dims(_text(perm=(0, 1.0)), "the perm", "0,1.0")),
+        (
+            "tensor",
+            _text(perm=(False, True)),
+            _not_dims(_text(perm=(False, True)), "the perm", "False,True"),
+        ),
+        # at.tensor itself not a str
+        ("tensor", 12.5, "'at.tensor' must be str, got float 12.5"),
+        ("tensor", True, "'at.tensor' must be str, got bool True"),
+        ("tensor", ["numpy", "float32", [3, 4], [0, 1]], "'at.tensor' must be str, got list ["),
+        ("tensor", ("numpy;float32;3,4;0,1",), "'at.tensor' must be str, got tuple ("),
+        (
+            "tensor",
+            b"numpy;float32;3,4;0,1",
+            "'at.tensor' must be str, got bytes b'numpy;float32;3,4;0,1'",
+        ),
+        ("tensor", bytearray(b"numpy;float32;3,4;0,1"), "must be str, got bytearray"),
+        ("tensor", {"shape": [3, 4]}, "'at.tensor' must be str, got dict {'shape': [3, 4]}"),
+        ("tensor", np.str_("numpy;float32;3,4;0,1"), None),  # a str subclass: decodes
     ],
 )
-def test_wrong_types(message, key: str, value: Any, fragment: str) -> None:
+def test_wrong_types(message, key: str, value: Any, fragment: str | None) -> None:
     array, meta = message
+    if fragment is None:
+        np.testing.assert_array_equal(at.decode(array, _with(meta, **{key: value})), _values())
+        return
     with pytest.raises(at.MetadataError, match=re.escape(fragment)):
         at.decode(array, _with(meta, **{key: value}))
+
+
+def _values() -> np.ndarray:
+    """What the message fixture holds."""
+    return np.arange(12, dtype=np.float32).reshape(3, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        # exactly 4 fields
+        ("numpy;float32;3,4", _field_count("numpy;float32;3,4")),
+        ("float32;3,4;0,1", _field_count("float32;3,4;0,1")),
+        ("numpy;float32;3,4;0,1;", _field_count("numpy;float32;3,4;0,1;")),
+        ("numpy;float32;3,4;0,1;numpy", _field_count("numpy;float32;3,4;0,1;numpy")),
+        ("numpy;float;32;3,4;0,1", _field_count("numpy;float;32;3,4;0,1")),
+        ("", _field_count("")),
+        ("numpy,float32,3,4,0,1", _field_count("numpy,float32,3,4,0,1")),
+        ("numpy;float32;3,4;0,1\n;", _field_count("numpy;float32;3,4;0,1\n;")),
+        # signs, spaces, other separators: what int() would accept must still be refused
+        ("numpy;float32;+3,4;0,1", _not_dims("numpy;float32;+3,4;0,1", "the shape", "+3,4")),
+        ("numpy;float32;3,+4;0,1", _not_dims("numpy;float32;3,+4;0,1", "the shape", "3,+4")),
+        ("numpy;float32;-3,4;0,1", _not_dims("numpy;float32;-3,4;0,1", "the shape", "-3,4")),
+        ("numpy;float32;3,4;+0,1", _not_dims("numpy;float32;3,4;+0,1", "the perm", "+0,1")),
+        ("numpy;float32;3,4;0,-1", _not_dims("numpy;float32;3,4;0,-1", "the perm", "0,-1")),
+        ("numpy;float32;3, 4;0,1", _not_dims("numpy;float32;3, 4;0,1", "the shape", "3, 4")),
+        ("numpy;float32; 3,4;0,1", _not_dims("numpy;float32; 3,4;0,1", "the shape", " 3,4")),
+        ("numpy;float32;3,4 ;0,1", _not_dims("numpy;float32;3,4 ;0,1", "the shape", "3,4 ")),
+        ("numpy;float32;3 ,4;0,1", _not_dims("numpy;float32;3 ,4;0,1", "the shape", "3 ,4")),
+        ("numpy;float32;3,4;0, 1", _not_dims("numpy;float32;3,4;0, 1", "the perm", "0, 1")),
+        ("numpy;float32;3,4;0,1 ", _not_dims("numpy;float32;3,4;0,1 ", "the perm", "0,1 ")),
+        ("numpy;float32;3\t,4;0,1", _not_dims("numpy;float32;3\t,4;0,1", "the shape", "3\t,4")),
+        ("numpy;float32;3,4\n;0,1", _not_dims("numpy;float32;3,4\n;0,1", "the shape", "3,4\n")),
+        ("numpy;float32;3,4;0,1\n", _not_dims("numpy;float32;3,4;0,1\n", "the perm", "0,1\n")),
+        (
+            "numpy;float32;3,4\x00;0,1",
+            _not_dims("numpy;float32;3,4\x00;0,1", "the shape", "3,4\x00"),
+        ),
+        ("numpy;float32;3.4;0,1", _not_dims("numpy;float32;3.4;0,1", "the shape", "3.4")),
+        ("numpy;float32;3 4;0,1", _not_dims("numpy;float32;3 4;0,1", "the shape", "3 4")),
+        ("numpy;float32;1_2;0", _not_dims("numpy;float32;1_2;0", "the shape", "1_2")),
+        ("numpy;float32;0xc;0", _not_dims("numpy;float32;0xc;0", "the shape", "0xc")),
+        ("numpy;float32;1.2e1;0", _not_dims("numpy;float32;1.2e1;0", "the shape", "1.2e1")),
+        ("numpy;float32;12.0;0", _not_dims("numpy;float32;12.0;0", "the shape", "12.0")),
+        ("numpy;float32;[3,4];[0,1]", _not_dims("numpy;float32;[3,4];[0,1]", "the shape", "[3,4]")),
+        # leading zeros: every header has exactly one spelling
+        ("numpy;float32;03,4;0,1", _not_dims("numpy;float32;03,4;0,1", "the shape", "03,4")),
+        ("numpy;float32;3,04;0,1", _not_dims("numpy;float32;3,04;0,1", "the shape", "3,04")),
+        ("numpy;float32;00,4;0,1", _not_dims("numpy;float32;00,4;0,1", "the shape", "00,4")),
+        ("numpy;float32;3,4;00,1", _not_dims("numpy;float32;3,4;00,1", "the perm", "00,1")),
+        ("numpy;float32;3,4;0,01", _not_dims("numpy;float32;3,4;0,01", "the perm", "0,01")),
+        (
+            "numpy;float32;0000000000000000003,4;0,1",
+            _not_dims("numpy;float32;0000000000000000003,4;0,1", "the shape", "0" * 18 + "3,4"),
+        ),
+        # empty entries
+        ("numpy;float32;3,,4;0,1", _not_dims("numpy;float32;3,,4;0,1", "the shape", "3,,4")),
+        ("numpy;float32;3,4,;0,1", _not_dims("numpy;float32;3,4,;0,1", "the shape", "3,4,")),
+        ("numpy;float32;,3,4;0,1", _not_dims("numpy;float32;,3,4;0,1", "the shape", ",3,4")),
+        ("numpy;float32;,;0,1", _not_dims("numpy;float32;,;0,1", "the shape", ",")),
+        ("numpy;float32;3,4;0,,1", _not_dims("numpy;float32;3,4;0,,1", "the perm", "0,,1")),
+        # digits int() reads but ASCII is not: Arabic-Indic, fullwidth, superscript
+        (
+            "numpy;float32;\u0663,4;0,1",
+            _not_dims("numpy;float32;\u0663,4;0,1", "the shape", "\u0663,4"),
+        ),
+        (
+            "numpy;float32;\uff13,4;0,1",
+            _not_dims("numpy;float32;\uff13,4;0,1", "the shape", "\uff13,4"),
+        ),
+        (
+            "numpy;float32;\u00b3,4;0,1",
+            _not_dims("numpy;float32;\u00b3,4;0,1", "the shape", "\u00b3,4"),
+        ),
+        (
+            "numpy;float32;3,4;\u0660,1",
+            _not_dims("numpy;float32;3,4;\u0660,1", "the perm", "\u0660,1"),
+        ),
+        # at most 19 digits per entry (20 digits exceed int64 anyway)
+        (
+            "numpy;float32;10000000000000000000;0",
+            _not_dims("numpy;float32;10000000000000000000;0", "the shape", "1" + "0" * 19),
+        ),
+        (
+            "numpy;float32;3,4;10000000000000000000,0",
+            _not_dims(
+                "numpy;float32;3,4;10000000000000000000,0", "the perm", "1" + "0" * 19 + ",0"
+            ),
+        ),
+        (
+            "numpy;float32;9999999999999999999;0",
+            _refused(
+                "numpy;float32;9999999999999999999;0", "the shape [9999999999999999999] spans"
+            ),
+        ),
+        # empty fields: 0-d, whose perm must be empty too
+        (
+            "numpy;float32;;0",
+            _refused(
+                "numpy;float32;;0", "the perm must be a permutation of 0..-1 for shape [], got [0]"
+            ),
+        ),
+        (
+            "numpy;float32;3,4;",
+            _refused(
+                "numpy;float32;3,4;",
+                "the perm must be a permutation of 0..1 for shape [3, 4], got []",
+            ),
+        ),
+        # framework and dtype fields are compared exactly
+        (
+            "Numpy;float32;3,4;0,1",
+            _bad_framework("Numpy;float32;3,4;0,1", "Numpy"),
+        ),
+        (" numpy;float32;3,4;0,1", _bad_framework(" numpy;float32;3,4;0,1", " numpy")),
+        ("numpy ;float32;3,4;0,1", _bad_framework("numpy ;float32;3,4;0,1", "numpy ")),
+        ("np;float32;3,4;0,1", _bad_framework("np;float32;3,4;0,1", "np")),
+        ("numpy;float32 ;3,4;0,1", _refused("numpy;float32 ;3,4;0,1", "unknown dtype 'float32 '")),
+        (
+            "numpy;\nfloat32;3,4;0,1",
+            _refused("numpy;\nfloat32;3,4;0,1", "unknown dtype '\\nfloat32'"),
+        ),
+        ("numpy;;3,4;0,1", _refused("numpy;;3,4;0,1", "unknown dtype ''")),
+        (";;;", _bad_framework(";;;", "")),
+    ],
+)
+def test_tensor_header_grammar(message, text: str, fragment: str) -> None:
+    """Every spelling of a header but the canonical one is refused, naming what was received."""
+    array, meta = message
+    with pytest.raises(at.MetadataError, match=re.escape(fragment)):
+        at.decode(array, _with(meta, tensor=text))
+    with pytest.raises(at.MetadataError, match=re.escape(fragment)):  # and when seen again
+        at.decode(array, _with(meta, tensor=text))
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("numpy;float32;3,4;0,1" + " " * 4076, "'at.tensor' has 4097 characters; at most 4096"),
+        (
+            _text(dtype="x" * 5000),
+            f"'at.tensor' has {6 + 5000 + 8} characters; at most 4096 are allowed",
+        ),
+        (_text(("1",) * 5000, range(5000)), "characters; at most 4096 are allowed"),
+        ("numpy;float32;3,4;0,1" + ";" * 10**6, "'at.tensor' has 1000021 characters; at most 4096"),
+        ("\u0663" * 4097, "'at.tensor' has 4097 characters; at most 4096 are allowed"),
+    ],
+)
+def test_too_long_header_is_refused_unread(message, monkeypatch, text: str, fragment: str) -> None:
+    array, meta = message
+
+    def unread(*_args: Any) -> Any:
+        raise AssertionError("a header over the limit was parsed")
+
+    class Unsplittable(str):
+        split = unread
+
+    with pytest.raises(at.MetadataError, match=re.escape(fragment)) as info:
+        at.decode(array, _with(meta, tensor=text))
+    assert len(str(info.value)) < 100  # names the length, not the text
+    monkeypatch.setattr(_schema, "_dims", unread)
+    monkeypatch.setattr(_schema, "_from_fields", unread)
+    with pytest.raises(at.MetadataError, match=re.escape(fragment)):
+        _schema.parse_text(text)
+    with pytest.raises(at.MetadataError, match=re.escape(fragment)):
+        _schema.parse_header({"at.tensor": Unsplittable(text)})
+
+
+def test_header_of_4096_characters_is_read(message) -> None:
+    """The limit is inclusive: a 4096-character header is parsed (and here refused for its perm)."""
+    array, meta = message
+    text = "numpy;float32;3,4;0,1" + " " * 4075
+    assert len(text) == _schema.MAX_HEADER_CHARS == 4096
+    with pytest.raises(at.MetadataError, match=re.escape("the perm must be decimal")) as info:
+        at.decode(array, _with(meta, tensor=text))
+    assert "characters" not in str(info.value)
+    assert len(str(info.value)) < 500  # the text is echoed only in part
+
+
+class _Str(str):
+    """A str subclass: dora never delivers one, a caller might."""
+
+
+class _Spoof(str):
+    """A str subclass that hashes and compares like the message fixture's valid header."""
+
+    def __hash__(self) -> int:
+        return hash("numpy;float32;3,4;0,1")
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+
+class _ShortLiar(str):
+    """A str subclass whose len() hides its length (the parser must not be fooled)."""
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (_Str("numpy;float32;3,4;0,1"), None),
+        (_Str("torch;float32;3,4;0,1"), None),
+        (_Str("numpy;float32;4,3;1,0"), None),
+        (_Spoof("numpy;float32;3,4;0,1"), None),
+        (_Spoof("numpy;float32;4,3;0,1"), None),  # not the cached [3, 4] it compares equal to
+        (_Spoof("torch;float32;3,4;0,1"), None),
+        (_Str("numpy;float32;3,-4;0,1"), _not_dims("numpy;float32;3,-4;0,1", "the shape", "3,-4")),
+        (_Str("numpy;float32;3,4;0,1;"), _field_count("numpy;float32;3,4;0,1;", "str")),
+        (_Str("numpy;float32;3,4;0,1" + " " * 4076), "'at.tensor' has 4097 characters"),
+        (
+            _Spoof("numpy;float32;3,-4;0,1"),
+            _not_dims("numpy;float32;3,-4;0,1", "the shape", "3,-4"),
+        ),
+        (_Spoof("numpy;float32;4,4;0,1"), "payload holds 48 bytes but dtype and shape describe 64"),
+        (_Spoof("numpy;float64;3,4;0,1"), "describe 96 bytes"),
+        (_Spoof("numpy;float32;3,4;0,0"), "the perm must be a permutation of 0..1"),
+        # Its len() is not asked: the text is read as the plain str it holds.
+        (_ShortLiar("numpy;float32;" + "1," * 10**5 + "1;0"), "has 200017 characters; at most"),
+        (_ShortLiar("numpy;float32;3,4;0,1" + " " * 10**5), "has 100021 characters; at most"),
+    ],
+)
+@pytest.mark.parametrize("writable", [False, True])
+def test_str_subclass_header(message, value: str, fragment: str | None, writable: bool) -> None:
+    """Decoded like the equal str, or refused like it; never served from a cache by its hash."""
+    array, meta = message
+    at.decode(array, meta)  # the fixture's header is now cached (full and fast path)
+    if fragment is None:
+        plain = at.decode(array, _with(meta, tensor=str(value)), writable=writable)
+        y = at.decode(array, _with(meta, tensor=value), writable=writable)
+        assert type(y) is type(plain)
+        assert tuple(y.shape) == tuple(plain.shape)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(plain))
+        return
+    error = at.PayloadError if "payload" in fragment or "describe" in fragment else at.MetadataError
+    with pytest.raises(error, match=re.escape(fragment)):
+        at.decode(array, _with(meta, tensor=value), writable=writable)
 
 
 @pytest.mark.parametrize(
     ("shape", "perm", "error", "fragment"),
     [
-        ([3, -4], [0, 1], at.MetadataError, "'at.shape' has a negative dimension: [3, -4]"),
-        ([-3, -4], [0, 1], at.MetadataError, "negative dimension"),
+        ([3, -4], [0, 1], at.MetadataError, "the shape must be decimal integers"),
+        ([3, -4], [0, 1], at.MetadataError, "without signs, spaces or leading zeros, got '3,-4'"),
+        ([-3, -4], [0, 1], at.MetadataError, "got '-3,-4'"),
         ([2**40], [0], at.PayloadError, "payload holds 48 bytes but dtype and shape describe"),
         ([2**20, 2**20], [0, 1], at.PayloadError, f"describe {4 * 2**40} bytes"),
         ([2**31, 2**31, 2**31], [0, 1, 2], at.MetadataError, "spans more than 2**62 bytes"),
-        ([2**64], [0], at.MetadataError, "spans more than 2**62 bytes"),
+        ([2**64], [0], at.MetadataError, "got '18446744073709551616'"),  # 20 digits
         ([2**61], [0], at.MetadataError, "spans more than 2**62 bytes"),  # x 4 bytes
         ([0, 2**62], [0, 1], at.MetadataError, "spans more than 2**62 bytes"),
         ([0, 2**63 - 1], [1, 0], at.MetadataError, "spans more than 2**62 bytes"),
-        ([0, 2**70], [0, 1], at.MetadataError, "spans more than 2**62 bytes"),
+        ([0, 10**19 - 1], [1, 0], at.MetadataError, "spans more than 2**62 bytes"),
+        ([0, 2**70], [0, 1], at.MetadataError, "got '0,1180591620717411303424'"),
         ([2, 6], [0, 1], None, None),
         ([6, 2], [1, 0], None, None),
         ([12], [0], None, None),
+        ([2, 1, 6], [2, 0, 1], None, None),
+        ([], [], at.PayloadError, "payload holds 48 bytes but dtype and shape describe 4 bytes"),
         ([3, 4], [0, 0], at.MetadataError, "must be a permutation of 0..1 for shape [3, 4]"),
         ([3, 4], [1, 2], at.MetadataError, "got [1, 2]"),
         ([3, 4], [0], at.MetadataError, "got [0]"),
         ([3, 4], [0, 1, 2], at.MetadataError, "got [0, 1, 2]"),
-        ([3, 4], [-1, 0], at.MetadataError, "got [-1, 0]"),
-        ([1] * 65, list(range(65)), at.MetadataError, "'at.shape' has 65 entries; at most 64"),
-        ([12], list(range(65)), at.MetadataError, "'at.perm' has 65 entries; at most 64"),
+        ([3, 4], [-1, 0], at.MetadataError, "the perm must be decimal integers"),
+        ([3, 4], [-1, 0], at.MetadataError, "got '-1,0'"),
+        (
+            [1] * 65,
+            list(range(65)),
+            at.MetadataError,
+            "the shape has 65 and the perm 65 entries; at most 64 dimensions are allowed",
+        ),
+        ([0] * 65, list(range(65)), at.MetadataError, "the shape has 65 and the perm 65"),
+        ([1] * 65, [0], at.MetadataError, "the shape has 65 and the perm 1 entries; at most 64"),
+        ([12], list(range(65)), at.MetadataError, "the shape has 1 and the perm 65 entries"),
     ],
 )
 def test_shape_and_perm(message, shape, perm, error, fragment) -> None:
     array, meta = message
-    bad = _with(meta, shape=shape, perm=perm)
+    text = _text(shape, perm)
+    bad = _with(meta, tensor=text)
     if error is None:
-        assert at.decode(array, bad).shape == tuple(shape)
+        y = at.decode(array, bad)
+        assert y.shape == tuple(shape)
+        physical = [shape[p] for p in perm]
+        expected = _values().reshape(physical).transpose([perm.index(d) for d in range(len(perm))])
+        np.testing.assert_array_equal(y, expected)
         return
-    with pytest.raises(error, match=re.escape(fragment)):
+    with pytest.raises(error, match=re.escape(fragment)) as info:
         at.decode(array, bad)
+    if error is at.MetadataError:
+        assert str(info.value).startswith(_refused(text, ""))
 
 
 def test_zero_size_with_huge_dims_is_refused_not_crashed() -> None:
     """numpy/torch size every dimension of an empty tensor: without the bound, decode raised a
     bare numpy ValueError ("array is too big") or torch RuntimeError."""
     empty = pa.array([], pa.uint8())
+    meta = at.encode(np.zeros((0, 1), np.float64))[1]
     for framework in ("numpy", "torch"):
-        meta = at.encode(np.zeros((0, 1), np.float64))[1] | {"at.framework": framework}
         for shape in ([0, 2**61], [0, 2**40, 2**40]):
-            bad = meta | {"at.shape": shape, "at.perm": list(range(len(shape)))}
+            text = _schema.pack(framework, "float64", shape, range(len(shape)))
             with pytest.raises(at.MetadataError, match="spans more than"):
-                at.decode(empty, bad)
-    ok = at.encode(np.zeros((0, 1), np.float64))[1] | {"at.shape": [0, 2**58]}
+                at.decode(empty, meta | {"at.tensor": text})
+    ok = meta | {"at.tensor": _schema.pack("numpy", "float64", [0, 2**58], [0, 1])}
     assert at.decode(empty, ok).shape == (0, 2**58)
 
 
 def test_64_dims_are_allowed() -> None:
     x = np.arange(2, dtype=np.int16).reshape((2,) + (1,) * 63)
-    y = at.decode(*at.encode(x))
+    array, meta = at.encode(x)
+    assert meta["at.tensor"] == _schema.pack("numpy", "int16", x.shape, range(64))
+    y = at.decode(array, meta)
     assert y.shape == x.shape
     np.testing.assert_array_equal(y, x)
 
@@ -148,11 +497,26 @@ def test_encode_refuses_over_64_dims_never_reaches_wire() -> None:
         at.encode(t)
 
 
-@pytest.mark.parametrize("dtype", ["float128", "Float32", "", "torch.float32", "f4", "x" * 5000])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float128",
+        "Float32",
+        "FLOAT32",
+        "",
+        "torch.float32",
+        "f4",
+        "<f4",
+        " float32",
+        "float32\n",
+        "\u0066loat32\u200b",
+        "x" * 4000,
+    ],
+)
 def test_unknown_dtype(message, dtype: str) -> None:
     array, meta = message
     with pytest.raises(at.MetadataError, match="unknown dtype") as info:
-        at.decode(array, _with(meta, dtype=dtype))
+        at.decode(array, _with(meta, tensor=_text(dtype=dtype)))
     assert repr(dtype[:64]) in str(info.value)
     assert "float32" in str(info.value)  # names what is expected
     assert len(str(info.value)) < 1000  # a hostile name is not echoed in full
@@ -160,7 +524,7 @@ def test_unknown_dtype(message, dtype: str) -> None:
 
 def test_numpy_message_with_torch_only_dtype(message) -> None:
     array, meta = message
-    bad = _with(meta, dtype="bfloat16", shape=[24], perm=[0])
+    bad = _with(meta, tensor=_text([24], [0], dtype="bfloat16"))
     with pytest.raises(at.MetadataError, match="'bfloat16' has no numpy form"):
         at.decode(array, bad)
 
@@ -168,16 +532,33 @@ def test_numpy_message_with_torch_only_dtype(message) -> None:
 def test_dtype_change_is_seen_as_size_mismatch(message) -> None:
     array, meta = message
     with pytest.raises(at.PayloadError, match="48 bytes but dtype and shape describe 96"):
-        at.decode(array, _with(meta, dtype="float64"))
+        at.decode(array, _with(meta, tensor=_text(dtype="float64")))
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, -1, 2**62])
+@pytest.mark.parametrize("version", [0, 1, 3, 99, -1, 2**62])
 def test_unknown_version(message, version: int) -> None:
     array, meta = message
     with pytest.raises(
-        at.VersionError, match=f"version {version} is not supported.*reads version 1"
+        at.VersionError, match=f"version {version} is not supported.*reads version 2"
     ):
         at.decode(array, _with(meta, version=version))
+
+
+def test_version_1_message_is_refused(message) -> None:
+    """A message in the previous wire format (six keys) is a VersionError, not misread."""
+    array, _ = message
+    old = {
+        "at.version": 1,
+        "at.kind": "tensor",
+        "at.framework": "numpy",
+        "at.dtype": "float32",
+        "at.shape": [3, 4],
+        "at.perm": [0, 1],
+    }
+    with pytest.raises(at.VersionError, match=r"version 1 is not supported.*reads version 2"):
+        at.decode(array, old)
+    with pytest.raises(at.VersionError, match="version 1 is not supported"):
+        at.decode(array, {**old, "at.tensor": "numpy;float32;3,4;0,1"})
 
 
 @pytest.mark.parametrize("kind", ["matrix", "Tensor", "", "x" * 500])
@@ -193,6 +574,8 @@ def test_unknown_kind(message, kind: str) -> None:
     "meta",
     [
         {"shape": [3, 4], "dtype": "float32"},
+        {"tensor": "numpy;float32;3,4;0,1"},
+        {"at.tensor": "numpy;float32;3,4;0,1", "at.kind": "tensor"},
         {"timestamp": 123},
         {},
         {"ARROW:extension:name": "arrow.fixed_shape_tensor"},
@@ -205,7 +588,7 @@ def test_another_librarys_message(message, meta) -> None:
         at.decode(array, meta)
 
 
-@pytest.mark.parametrize("meta", [None, [("at.version", 1)], "at.version", 1])
+@pytest.mark.parametrize("meta", [None, [("at.version", 2)], "at.version", 2])
 def test_metadata_not_a_mapping(message, meta) -> None:
     array, _ = message
     with pytest.raises(
@@ -217,7 +600,10 @@ def test_metadata_not_a_mapping(message, meta) -> None:
 def test_foreign_keys_are_ignored(message) -> None:
     array, meta = message
     extra = {"timestamp": 1_700_000_000, "user": "x", "shape": [9], "dtype": "int8", "at.future": 1}
-    y = at.decode(array, {**extra, **meta})
+    # Stale version-1 header keys next to at.tensor are ignored too: at.tensor alone decides.
+    stale = {"at.framework": "torch", "at.dtype": "int8", "at.shape": [48], "at.perm": [0]}
+    y = at.decode(array, {**extra, **stale, **meta})
+    assert isinstance(y, np.ndarray)
     np.testing.assert_array_equal(y, np.arange(12, dtype=np.float32).reshape(3, 4))
     checked = at.encode(np.arange(3.0), checksum=True)
     at.decode(checked[0], {**checked[1], "timestamp": 5, "frame": 7}, verify=True)
@@ -335,21 +721,25 @@ def test_checksum_catches_one_flipped_byte(checked, index: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "change",
+    "text",
     [
-        {"at.shape": [2, 6]},
-        {"at.shape": [4, 3]},
-        {"at.shape": [12], "at.perm": [0]},
-        {"at.shape": [3, 4, 1], "at.perm": [0, 1, 2]},
-        {"at.dtype": "float32"},
-        {"at.dtype": "uint32"},
-        {"at.perm": [1, 0]},
+        "numpy;int32;2,6;0,1",
+        "numpy;int32;4,3;0,1",
+        "numpy;int32;12;0",
+        "numpy;int32;3,4,1;0,1,2",
+        "numpy;int32;1,3,4;0,1,2",
+        "numpy;float32;3,4;0,1",
+        "numpy;uint32;3,4;0,1",
+        "numpy;int32;3,4;1,0",
+        "numpy;int32;4,3;1,0",
     ],
 )
-def test_checksum_catches_changed_header(checked, change) -> None:
+def test_checksum_catches_changed_header(checked, text: str) -> None:
     array, meta = checked
+    assert meta["at.tensor"] == "numpy;int32;3,4;0,1"
+    at.decode(array, {**meta, "at.tensor": text})  # a valid header for these bytes
     with pytest.raises(at.ChecksumError, match="dtype, shape, layout or bytes changed"):
-        at.decode(array, {**meta, **change}, verify=True)
+        at.decode(array, {**meta, "at.tensor": text}, verify=True)
 
 
 def test_verify_without_checksum(message) -> None:
@@ -462,16 +852,16 @@ def test_unsupported_is_also_a_type_error() -> None:
 
 def test_torch_message_with_huge_but_consistent_header_is_bounded(message) -> None:
     array, meta = message
-    bad = {**meta, "at.framework": "torch", "at.shape": [2**20, 2**20], "at.perm": [1, 0]}
+    bad = {**meta, "at.tensor": _schema.pack("torch", "float32", [2**20, 2**20], [1, 0])}
     with pytest.raises(at.PayloadError, match="48 bytes but dtype and shape describe"):
         at.decode(array, bad)
 
 
 def test_bool_payload_decodes_only_its_bytes() -> None:
     array, meta = at.encode(np.array([True, False, True]))
-    assert meta["at.dtype"] == "bool"
+    assert meta["at.tensor"] == "numpy;bool;3;0"
     np.testing.assert_array_equal(at.decode(array, meta), [True, False, True])
-    torch_meta = {**meta, "at.framework": "torch"}
+    torch_meta = {**meta, "at.tensor": "torch;bool;3;0"}
     assert at.decode(array, torch_meta).tolist() == [True, False, True]
 
 
@@ -489,5 +879,11 @@ def test_bool_bytes_other_than_0_1_are_refused(framework: str, bad_byte: int) ->
 @pytest.mark.parametrize("framework", ["cupy", "pyarrow.cuda"])
 def test_tensor_message_claiming_a_device_framework(message, framework: str) -> None:
     array, meta = message
-    with pytest.raises(at.MetadataError, match=re.escape(repr(framework))):
-        at.decode(array, _with(meta, framework=framework))
+    with pytest.raises(
+        at.MetadataError,
+        match=re.escape(
+            f"a tensor message holds host memory for ('numpy', 'torch'), but "
+            f"'at.tensor' names {framework!r}"
+        ),
+    ):
+        at.decode(array, _with(meta, tensor=_text(framework=framework)))

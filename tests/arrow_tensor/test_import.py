@@ -31,14 +31,14 @@ x = np.arange(24, dtype=np.float32).reshape(2, 3, 4).transpose(2, 0, 1)
 array, meta = at.encode(x, checksum=True)
 y = at.decode(array, meta, verify=True)
 assert type(y) is np.ndarray and y.strides == x.strides and (y == x).all()
-assert meta["at.framework"] == "numpy"
+assert meta["at.version"] == 2 and meta["at.kind"] == "tensor"
+assert meta["at.tensor"] == "numpy;float32;4,2,3;1,2,0"
 
 # A message a torch sender wrote: same bytes, framework "torch".
 for dtype in ("float32", "bfloat16"):
-    torch_meta = {**meta, "at.framework": "torch", "at.dtype": dtype}
+    torch_meta = {**meta, "at.tensor": "torch;float32;4,2,3;1,2,0"}
     if dtype == "bfloat16":
-        torch_meta["at.shape"] = [4, 2, 3, 2]
-        torch_meta["at.perm"] = [0, 1, 2, 3]
+        torch_meta["at.tensor"] = "torch;bfloat16;4,2,3,2;0,1,2,3"
         torch_meta.pop("at.checksum")
     try:
         at.decode(array, torch_meta)

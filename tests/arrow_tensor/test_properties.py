@@ -8,7 +8,7 @@ import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
 import torch
-from arrow_tensor import _dtypes, _layout
+from arrow_tensor import _dtypes, _layout, _schema
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -114,12 +114,9 @@ def test_any_storage_and_offset(dtype, shape, storage, pad: int, tensors) -> Non
 def test_hostile_headers_only_raise_our_errors(shape, perm, dtype, framework, nbytes) -> None:
     """Any header over any small buffer: a tensor of exactly that buffer, or our error."""
     meta = {
-        "at.version": 1,
-        "at.kind": "tensor",
-        "at.framework": framework,
-        "at.dtype": dtype,
-        "at.shape": shape,
-        "at.perm": perm,
+        _schema.KEY_VERSION: _schema.VERSION,
+        _schema.KEY_KIND: _schema.KIND_TENSOR,
+        _schema.KEY_TENSOR: _schema.pack(framework, dtype, shape, perm),
     }
     array = pa.array(np.arange(nbytes, dtype=np.uint8))
     try:
@@ -129,3 +126,60 @@ def test_hostile_headers_only_raise_our_errors(shape, perm, dtype, framework, nb
     assert list(y.shape) == shape
     nb = y.numel() * y.element_size() if isinstance(y, torch.Tensor) else y.nbytes
     assert nb == nbytes
+
+
+_FIELD = st.text(alphabet="0123456789,+- _\u0662\uff12", max_size=10)
+
+
+@st.composite
+def header_texts(draw: st.DrawFn) -> str:
+    """``at.tensor`` texts near the valid ones: fields from the right alphabets, or anything."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.text(max_size=40))
+    fields = [
+        draw(st.sampled_from(["numpy", "torch", "numpy", "torch", "jax", "", "numpy "])),
+        draw(st.sampled_from([*_dtypes.BY_NAME, "float128", "<f4", ""])),
+        draw(st.one_of(_FIELD, st.lists(st.integers(0, 4), max_size=3).map(_dims))),
+        draw(st.one_of(_FIELD, st.permutations(range(draw(st.integers(0, 3)))).map(_dims))),
+    ]
+    count = draw(st.sampled_from([4, 4, 4, 3, 5]))  # mostly the right number of fields
+    return ";".join(fields[:count] + [""] * (count - 4))
+
+
+def _bits(y: Any) -> bytes:
+    if isinstance(y, torch.Tensor):
+        return y.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return np.ascontiguousarray(y).tobytes()
+
+
+def _dims(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+@given(text=header_texts(), nbytes=st.integers(0, 64))
+def test_hostile_header_texts_only_raise_our_errors(text: str, nbytes: int) -> None:
+    """Any ``at.tensor`` text over any small buffer: exactly that tensor, or our error.
+
+    A text is accepted only in its one canonical form, so one header has one text (the key
+    of the fast path's cache) and the decoded tensor is the one that text names.
+    """
+    meta = {
+        _schema.KEY_VERSION: _schema.VERSION,
+        _schema.KEY_KIND: _schema.KIND_TENSOR,
+        _schema.KEY_TENSOR: text,
+    }
+    array = pa.array(np.arange(nbytes, dtype=np.uint8))
+    outcomes = []
+    for _ in range(2):  # the second time through the fast path's cache
+        try:
+            y = at.decode(array, dict(meta))
+        except at.ArrowTensorError as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+            continue
+        header = _schema.parse_text(text)
+        assert header.text == text
+        assert tuple(y.shape) == header.shape
+        nb = y.numel() * y.element_size() if isinstance(y, torch.Tensor) else y.nbytes
+        assert nb == nbytes == header.nbytes
+        outcomes.append(_bits(y))
+    assert outcomes[0] == outcomes[1]

@@ -26,6 +26,11 @@ def _dora_safe(value: Any) -> bool:
     return False
 
 
+_DIMS = r"(?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*"
+_HEADER = re.compile(rf"(numpy|torch);([a-z0-9_]+);((?:{_DIMS})?);((?:{_DIMS})?)")
+"""SPEC.md's at.tensor grammar, written out independently of the library."""
+
+
 @pytest.mark.parametrize("checksum", [False, True])
 def test_metadata_is_flat_namespaced_and_dora_safe(torch_dtype, checksum: bool, tensors) -> None:
     x = tensors.random_torch((2, 3, 4), torch_dtype).permute(2, 0, 1)
@@ -33,20 +38,26 @@ def test_metadata_is_flat_namespaced_and_dora_safe(torch_dtype, checksum: bool, 
     assert all(key.startswith("at.") for key in meta)
     assert "timestamp" not in meta
     assert all(_dora_safe(v) for v in meta.values()), meta
-    assert all(type(v) is int for v in meta["at.shape"] + meta["at.perm"])
+    expected = {"at.version", "at.kind", "at.tensor"} | ({"at.checksum"} if checksum else set())
+    assert set(meta) == expected
+    assert type(meta["at.version"]) is int
+    assert meta["at.version"] == 2
+    assert type(meta["at.kind"]) is str
+    assert meta["at.kind"] == "tensor"
+    text = meta["at.tensor"]
+    assert type(text) is str
+    assert len(text) <= _schema.MAX_HEADER_CHARS
+    assert text.isascii()
+    dtype = str(torch_dtype).removeprefix("torch.")
+    assert text == f"torch;{dtype};4,2,3;1,2,0"
+    assert _HEADER.fullmatch(text), text
     assert ("at.checksum" in meta) is checksum
 
 
 def test_golden_contiguous_message() -> None:
     array, meta = at.encode(np.array([[1, 2, 3], [4, 5, 6]], dtype="<i2"))
-    assert meta == {
-        "at.version": 1,
-        "at.kind": "tensor",
-        "at.framework": "numpy",
-        "at.dtype": "int16",
-        "at.shape": [2, 3],
-        "at.perm": [0, 1],
-    }
+    assert meta == {"at.version": 2, "at.kind": "tensor", "at.tensor": "numpy;int16;2,3;0,1"}
+    assert [type(v) for v in meta.values()] == [int, str, str]
     assert array.type == pa.uint16()
     assert array.buffers()[1].to_pybytes()[: array.nbytes] == bytes.fromhex(
         "0100 0200 0300 0400 0500 0600".replace(" ", "")
@@ -57,26 +68,35 @@ def test_golden_transposed_torch_message() -> None:
     """SPEC example: a transposed matrix travels as it lies in memory with perm [1, 0]."""
     base = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float32)
     array, meta = at.encode(base.t(), checksum=True)
-    assert meta["at.framework"] == "torch"
-    assert meta["at.shape"] == [3, 2]
-    assert meta["at.perm"] == [1, 0]
     payload = array.buffers()[1].to_pybytes()[: array.nbytes]
     assert payload == np.array([1, 2, 3, 4, 5, 6], "<f4").tobytes()
-    header = b"arrow_tensor/1;float32;[3,2];[1,0]"
-    assert meta["at.checksum"] == "xxh3_64:" + xxhash.xxh3_64(header + payload).hexdigest()
+    header = b"arrow_tensor/2;float32;[3,2];[1,0]"
+    checksum = "xxh3_64:" + xxhash.xxh3_64(header + payload).hexdigest()
+    assert meta == {
+        "at.version": 2,
+        "at.kind": "tensor",
+        "at.tensor": "torch;float32;3,2;1,0",
+        "at.checksum": checksum,
+    }
 
 
 def test_golden_channels_last_perm() -> None:
     x = torch.zeros(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
-    assert at.encode(x)[1]["at.perm"] == [0, 2, 3, 1]
+    assert at.encode(x)[1]["at.tensor"] == "torch;float32;2,3,4,5;0,2,3,1"
 
 
 def test_golden_zero_d_checksum() -> None:
-    _array, meta = at.encode(np.array(-3, dtype=np.int8), checksum=True)
-    assert meta["at.shape"] == []
-    assert meta["at.perm"] == []
-    expected = xxhash.xxh3_64(b"arrow_tensor/1;int8;[];[]" + b"\xfd").hexdigest()
-    assert meta["at.checksum"] == f"xxh3_64:{expected}"
+    array, meta = at.encode(np.array(-3, dtype=np.int8), checksum=True)
+    expected = xxhash.xxh3_64(b"arrow_tensor/2;int8;[];[]" + b"\xfd").hexdigest()
+    assert meta == {
+        "at.version": 2,
+        "at.kind": "tensor",
+        "at.tensor": "numpy;int8;;",
+        "at.checksum": f"xxh3_64:{expected}",
+    }
+    y = at.decode(array, meta, verify=True)
+    assert y.shape == ()
+    assert y == -3
 
 
 def test_complex128_travels_as_two_uint64() -> None:
@@ -90,7 +110,7 @@ def test_complex128_travels_as_two_uint64() -> None:
 def test_big_endian_goes_little_endian_on_the_wire() -> None:
     x = np.array([1, 256], dtype=">u2")
     array, meta = at.encode(x)
-    assert meta["at.dtype"] == "uint16"
+    assert meta["at.tensor"] == "numpy;uint16;2;0"
     assert array.buffers()[1].to_pybytes()[: array.nbytes] == b"\x01\x00\x00\x01"
 
 
@@ -98,7 +118,11 @@ def test_a_foreign_decoder_following_the_spec(tensors) -> None:
     """Decode a permuted tensor with nothing but the rules of SPEC.md and compare."""
     x = tensors.random_torch((2, 5, 3, 4), torch.float64, 1).permute(0, 3, 1, 2)
     array, meta = at.encode(x)
-    shape, perm = meta["at.shape"], meta["at.perm"]
+    assert meta["at.version"] == 2
+    framework, dtype, shape_text, perm_text = meta["at.tensor"].split(";")
+    assert (framework, dtype) == ("torch", "float64")
+    shape = [int(v) for v in shape_text.split(",")]
+    perm = [int(v) for v in perm_text.split(",")]
     physical = [shape[p] for p in perm]
     raw = np.frombuffer(array.buffers()[1], "<f8", count=int(np.prod(shape))).reshape(physical)
     inverse = [perm.index(d) for d in range(len(perm))]
@@ -129,37 +153,133 @@ def test_dtype_table_is_consistent() -> None:
 def test_header_round_trip_and_describe() -> None:
     header = _schema.TensorHeader(_dtypes.BY_NAME["bfloat16"], (2, 0, 3), (2, 0, 1), "torch")
     meta = header.to_metadata()
+    assert meta == {"at.version": 2, "at.kind": "tensor", "at.tensor": "torch;bfloat16;2,0,3;2,0,1"}
+    assert header.text == "torch;bfloat16;2,0,3;2,0,1"
+    assert _schema.pack("torch", "bfloat16", (2, 0, 3), [2, 0, 1]) == header.text
     assert _schema.parse_header(_schema.check_envelope(meta)) == header
-    assert header.describe() == "arrow_tensor/1;bfloat16;[2,0,3];[2,0,1]"
+    assert _schema.parse_text(header.text) == header
+    assert header.describe() == "arrow_tensor/2;bfloat16;[2,0,3];[2,0,1]"
     assert header.physical_shape == (3, 2, 0)
     assert header.nbytes == 0
 
 
-def test_tuples_are_accepted_like_lists() -> None:
+@pytest.mark.parametrize(
+    ("text", "shape", "perm"),
+    [
+        ("numpy;int8;;", (), ()),
+        ("numpy;int8;0;0", (0,), (0,)),
+        ("numpy;int8;7;0", (7,), (0,)),
+        ("torch;float32;3,2;1,0", (3, 2), (1, 0)),
+        ("torch;float32;2,3,4,5;0,2,3,1", (2, 3, 4, 5), (0, 2, 3, 1)),
+        ("numpy;int8;0,4611686018427387904;1,0", (0, 2**62), (1, 0)),
+        (
+            _schema.pack("numpy", "int8", [1] * 64, range(63, -1, -1)),
+            (1,) * 64,
+            tuple(range(63, -1, -1)),
+        ),
+    ],
+)
+def test_parse_text_reads_the_canonical_spelling(text: str, shape: tuple, perm: tuple) -> None:
+    header = _schema.parse_text(text)
+    assert header.framework == text.split(";")[0]
+    assert header.dtype is _dtypes.BY_NAME[text.split(";")[1]]
+    assert header.shape == shape
+    assert header.perm == perm
+    assert all(type(v) is int for v in header.shape + header.perm)
+    assert header.text == text  # one spelling per header: it reads back unchanged
+    assert header.to_metadata()["at.tensor"] == text
+
+
+def test_header_of_is_memoized_by_exact_text() -> None:
+    text = "numpy;uint8;5,7;1,0"
+    first = _schema.header_of(text)
+    assert _schema.header_of("".join(text)) is first  # an equal str, another object
+    assert _schema.parse_header({"at.tensor": text}) is first
+    assert first == _schema.parse_text(text)
+
+
+def test_str_subclasses_are_accepted_like_str() -> None:
+    """Was: tuples accepted like lists. A str subclass is read (not memoized) like its text."""
+
+    class Text(str):
+        pass
+
     array, meta = at.encode(np.arange(6.0).reshape(2, 3))
-    meta = {**meta, "at.shape": (2, 3), "at.perm": (0, 1)}
+    text = "numpy;float64;3,2;1,0"
+    _schema._HEADERS.pop(text, None)  # as if never seen (the memo is only a cache)
+    header = _schema.parse_header({"at.tensor": Text(text)})
+    assert header == _schema.parse_text(text)
+    assert text not in _schema._HEADERS  # a subclass is never a memo key
+    assert header.text == text
+    assert type(header.text) is str
+    meta = {**meta, "at.tensor": Text(meta["at.tensor"])}
     np.testing.assert_array_equal(at.decode(array, meta), np.arange(6.0).reshape(2, 3))
+    y = at.decode(array, {**meta, "at.tensor": Text(text)})
+    np.testing.assert_array_equal(y, np.arange(6.0).reshape(3, 2, order="F"))
 
 
 def test_error_messages_are_bounded() -> None:
     array, meta = at.encode(np.zeros(3))
     with pytest.raises(at.MetadataError) as info:
-        at.decode(array, {**meta, "at.shape": ["x" * 10_000]})
+        at.decode(array, {**meta, "at.tensor": ["x" * 10_000]})
     assert len(str(info.value)) < 300
-    assert re.search(r"'at.shape' must be a list of int, got list \['x+\.\.\.", str(info.value))
+    assert re.search(r"'at.tensor' must be str, got list \['x+\.\.\.", str(info.value))
+    with pytest.raises(at.MetadataError) as info:
+        at.decode(array, {**meta, "at.tensor": "numpy;float64;" + "x" * 10_000 + ";0"})
+    assert str(info.value) == "'at.tensor' has 10016 characters; at most 4096 are allowed"
+    # Under the limit, each hostile field is echoed in part only.
+    for text in (
+        "numpy;float64;" + "x" * 4000 + ";0",
+        "numpy;float64;3;" + "9," * 2000,
+        "numpy;" + "x" * 4000 + ";3;0",
+        "x" * 4000 + ";float64;3;0",
+        "numpy;float64;3;0;" + "x" * 4000,
+    ):
+        with pytest.raises(at.MetadataError, match=r"^'at\.tensor' ") as info:
+            at.decode(array, {**meta, "at.tensor": text})
+        assert len(str(info.value)) < 800, str(info.value)
+        assert "x" * 200 not in str(info.value)
+
+
+class _Spoof(str):
+    """Hashes and compares like the valid header the test caches first."""
+
+    def __hash__(self) -> int:
+        return hash("numpy;float32;3,4;0,1")
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __ne__(self, other: object) -> bool:
+        return False
 
 
 @pytest.mark.parametrize(
-    ("key", "bad"),
+    ("bad", "fragment"),
     [
-        ("at.shape", [True, 4]),
-        ("at.shape", [3.0, 4]),
-        ("at.perm", [0.0, 1]),
-        ("at.perm", (0, True)),
+        (_schema.pack("numpy", "float32", [True, 4], [0, 1]), "the shape must be decimal"),
+        (_schema.pack("numpy", "float32", [3.0, 4], [0, 1]), "got '3.0,4'"),
+        (_schema.pack("numpy", "float32", [3, 4], [0.0, 1]), "the perm must be decimal"),
+        (_schema.pack("numpy", "float32", (3, 4), (0, True)), "got '0,True'"),
+        ("numpy;float32;03,4;0,1", "got '03,4'"),
+        ("numpy;float32;+3,4;0,1", "got '+3,4'"),
+        ("numpy;float32;\u0663,4;0,1", "got '\u0663,4'"),
+        ("numpy;float32;3,4;0,01", "got '0,01'"),
+        (_Spoof("numpy;float32;3,-4;0,1"), "the shape must be decimal integers"),
+        (_Spoof("numpy;float32;3,4;0,1;"), "got 5 field(s) in str"),
+        (_Spoof("numpy;float32;3,4;1,1"), "the perm must be a permutation of 0..1"),
     ],
 )
-def test_header_cache_never_serves_what_validation_refuses(key: str, bad: list) -> None:
+def test_header_cache_never_serves_what_validation_refuses(bad: str, fragment: str) -> None:
+    """Texts that read as the cached header's numbers, or compare equal to its text."""
     array, meta = at.encode(np.zeros((3, 4), dtype=np.float32))
+    assert meta["at.tensor"] == "numpy;float32;3,4;0,1"
     assert at.decode(array, meta).shape == (3, 4)  # the valid header is now cached
-    with pytest.raises(at.MetadataError, match=re.escape(key)):
-        at.decode(array, {**meta, key: bad})
+    assert _schema.header_of(meta["at.tensor"]) is _schema.parse_header(meta)
+    for _ in range(2):  # refused again once seen
+        with pytest.raises(at.MetadataError, match=re.escape(fragment)) as info:
+            at.decode(array, {**meta, "at.tensor": bad})
+        assert str(info.value).startswith("'at.tensor' ")
+        with pytest.raises(at.MetadataError, match=re.escape(fragment)):
+            _schema.parse_header({"at.tensor": bad})
+    assert str(bad) not in _schema._HEADERS

@@ -17,7 +17,7 @@ import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
 import pytest
-from arrow_tensor import _shm, pool
+from arrow_tensor import _schema, _shm, pool
 from arrow_tensor._shm import Identity
 from dora.testing import MockNode
 
@@ -330,7 +330,26 @@ HOSTILE = [
     ("at.shm.offset", 2, at.ShmHandleError, "aligned range"),
     ("at.shm.gen", 123456, at.StaleHandleError, "no longer holds generation"),
     ("at.shm.gen", 0, at.ShmHandleError, "generation must be positive"),
-    ("at.shape", [1 << 40], at.ShmHandleError, "inside a slot"),
+    (
+        "at.tensor",
+        _schema.pack("numpy", "float32", [1 << 40], [0]),
+        at.ShmHandleError,
+        "inside a slot",
+    ),
+    (
+        "at.tensor",
+        _schema.pack("numpy", "float32", [1 << 30] * 3, [0, 1, 2]),
+        at.MetadataError,
+        r"spans more than 2\*\*62 bytes",
+    ),
+    (
+        "at.tensor",
+        _schema.pack("numpy", "float32", [-1024], [0]),
+        at.MetadataError,
+        "without signs",
+    ),
+    ("at.tensor", _schema.pack("numpy", "float32", [1024], [1]), at.MetadataError, "permutation"),
+    ("at.tensor", b"numpy;float32;1024;0", at.MetadataError, "'at.tensor' must be str"),
     ("at.shm.seq", "1", at.MetadataError, "must be int"),
 ]
 
@@ -340,6 +359,7 @@ def test_hostile_handles_never_read_outside_the_pool(
     key: str, value: Any, error: type[Exception], match: str
 ) -> None:
     _, (output, array, meta) = _valid_message()
+    assert meta[_schema.KEY_TENSOR] == "numpy;float32;1024;0"
     meta[key] = value
     with pytest.raises(error, match=match):
         receive((output, array, meta))

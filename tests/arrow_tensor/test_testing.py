@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from arrow_tensor import ConfigError, MetadataError, _transport
+from arrow_tensor import ConfigError, MetadataError, _schema, _transport
 from arrow_tensor import testing as tt
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -261,7 +261,9 @@ def test_validator_counts_undecodable_and_skips_foreign_messages():
     case = tt.Case("numpy", "int16", "contiguous", 4096)
     array, meta = message(case, 0, total=2)
     validator, lines = quiet_validator()
-    assert validator.handle(array, {**meta, "at.dtype": "int99"}) == "undecodable"
+    header = _schema.parse_text(meta[_schema.KEY_TENSOR])
+    int99 = _schema.pack(header.framework, "int99", header.shape, header.perm)
+    assert validator.handle(array, {**meta, _schema.KEY_TENSOR: int99}) == "undecodable"
     assert validator.handle(pa.array([1, 2]), {"camera": "front"}) == "foreign"
     assert validator.handle(*at.encode(np.zeros(3))) == "foreign"
     assert validator.handle(array, {**meta, tt.KEY_CASE: "numpy/int16/bogus/4KiB"}) == (
@@ -273,6 +275,7 @@ def test_validator_counts_undecodable_and_skips_foreign_messages():
     assert not report["passed"]
     assert "2 message(s) could not be decoded" in report["reasons"]
     assert any("not ours" in line and "camera" in line for line in lines)
+    assert "unknown dtype 'int99'" in report["failures"][0]["detail"]
 
 
 def test_validator_reports_drops_reordering_and_duplicates_apart_from_corruption():

@@ -347,7 +347,7 @@ def test_absurd_total_is_refused_before_allocating() -> None:
         _schema.KEY_CHUNK_COUNT: 2,
         _schema.KEY_CHUNK_OFFSET: 0,
         _schema.KEY_CHUNK_TOTAL: 1 << 60,
-        _schema.KEY_SHAPE: [1 << 60],
+        _schema.KEY_TENSOR: _schema.pack("numpy", "uint8", [1 << 60], [0]),
     }
     with pytest.raises(PayloadError, match="refused"):
         Receiver().receive(pa.array(np.zeros(8, np.uint8)), meta)
@@ -454,13 +454,36 @@ def test_reassembly_buffer_is_reused_only_when_nobody_holds_the_value(small_cap:
     assert torch.equal(again, torch.from_numpy(x + 4))
 
 
-@pytest.mark.parametrize("bad", [[True, 3], [1.0, 3], ["1", 3]])
-def test_header_cache_never_serves_what_parsing_refuses(bad: list[Any]) -> None:
+class _Text(str):
+    """A str subclass: parsed from its own characters, never looked up in a cache."""
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        # Shapes int() reads as [1, 3], in forms the schema refuses.
+        (_schema.pack("numpy", "float32", [True, 3], [0, 1]), "the shape must be decimal"),
+        (_schema.pack("numpy", "float32", [1.0, 3], [0, 1]), "the shape must be decimal"),
+        (_schema.pack("numpy", "float32", ["01", 3], [0, 1]), "the shape must be decimal"),
+        (_schema.pack("numpy", "float32", ["+1", 3], [0, 1]), "the shape must be decimal"),
+        (_schema.pack("numpy", "float32", [1, 3], [0, " 1"]), "the perm must be decimal"),
+        # The cached text itself, as something other than a str.
+        (b"numpy;float32;1,3;0,1", "'at.tensor' must be str, got bytes"),
+        (["numpy", "float32", [1, 3], [0, 1]], "'at.tensor' must be str, got list"),
+        # A str subclass is parsed from its own characters, never looked up.
+        (_Text("numpy;float32;1,3;0,2"), "the perm must be a permutation of 0..1"),
+    ],
+)
+def test_header_cache_never_serves_what_parsing_refuses(bad: Any, match: str) -> None:
     receiver = Receiver()
     array, meta = at.encode(np.zeros((1, 3), dtype=np.float32))
+    assert meta[_schema.KEY_TENSOR] == "numpy;float32;1,3;0,1"
     assert receiver.receive(array, meta).shape == (1, 3)  # now cached
-    with pytest.raises(MetadataError):
-        receiver.receive(array, {**meta, _schema.KEY_SHAPE: bad})
+    with pytest.raises(MetadataError, match=match):
+        receiver.receive(array, {**meta, _schema.KEY_TENSOR: bad})
+    with pytest.raises(MetadataError, match=match):
+        _codec.decode_tensor(array, {**meta, _schema.KEY_TENSOR: bad})
+    assert receiver.receive(array, meta).shape == (1, 3)
 
 
 def test_pool_warning_still_fires_when_messages_grow() -> None:

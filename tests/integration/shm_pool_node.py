@@ -24,16 +24,13 @@ def expected(seq: int) -> np.ndarray:
 
 def forged_handles(node: Node, seq: int) -> list[dict]:
     """Handles a hostile node could send: each must be refused without reading anything."""
-    from arrow_tensor import _shm
+    from arrow_tensor import _schema, _shm
 
     name = _shm.output_pool(node, "out").segment_names()[-1]
     base = {
-        "at.version": 1,
+        "at.version": _schema.VERSION,
         "at.kind": "shm",
-        "at.framework": "numpy",
-        "at.dtype": "int64",
-        "at.shape": [ELEMENTS],
-        "at.perm": [0],
+        "at.tensor": _schema.pack("numpy", "int64", [ELEMENTS], [0]),
         "at.shm.pool": name,
         "at.shm.slot": 0,
         "at.shm.gen": 1,
@@ -47,7 +44,7 @@ def forged_handles(node: Node, seq: int) -> list[dict]:
         {"at.shm.slot": 99_999},
         {"at.shm.gen": 1 << 50},
         {"at.shm.offset": 1 << 40},
-        {"at.shape": [1 << 40]},
+        {"at.tensor": _schema.pack("numpy", "int64", [1 << 40], [0])},
     ]
     return [{**base, **change} for change in changes]
 

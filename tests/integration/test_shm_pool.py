@@ -181,4 +181,17 @@ def test_hostile_handles_are_refused_and_the_receiver_keeps_going(tmp_path: Path
     assert got["shm"] >= 20
     assert "ShmHandleError" in output
     assert "StaleHandleError" in output
+    # Each forged handle (shm_pool_node.forged_handles) for its own reason, none for its
+    # envelope or header: they are current-version handles with a well-formed at.tensor.
+    assert "VersionError" not in output
+    assert "MetadataError" not in output
+    for reason in (
+        "must name an arrow_tensor pool",
+        "belongs to dataflow",
+        "slot 99999 outside pool",
+        "no longer holds generation",
+        "bytes [1099511627776, ",  # at.shm.offset 1 << 40
+        "bytes [0, 8796093022208) are not an aligned range inside a slot",  # 1 << 40 int64s
+    ):
+        assert reason in output, reason
     assert leftovers(dataflow) == []

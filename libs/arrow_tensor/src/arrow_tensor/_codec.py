@@ -15,7 +15,6 @@ private copies; see the read-only contract in the README.
 from __future__ import annotations
 
 import functools
-import operator
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -274,7 +273,7 @@ def decode_tensor(
     if header.framework not in _HOST_FRAMEWORKS:
         raise MetadataError(
             f"a tensor message holds host memory for {_HOST_FRAMEWORKS}, "
-            f"but {_schema.KEY_FRAMEWORK!r} is {header.framework!r}"
+            f"but {_schema.KEY_TENSOR!r} names {header.framework!r}"
         )
     buf = payload_buffer(array, header.nbytes)
     if verify:
@@ -320,9 +319,10 @@ def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) ->
 # dora, 4 KiB: one ``array.null_count`` 3.9 µs, ``np.frombuffer`` 8.5 µs; the full decode
 # path 157 µs against 19 µs in a warm loop). So the first message of a header goes the full
 # way (``decode_tensor``: every check) and leaves a ``_FastDecode`` behind; the next ones with
-# exactly that header (value types checked first: ``True`` or ``1.0`` equal ``1`` in a dict
-# key) are checked against it (payload class, nulls and length, in one ``to_numpy`` call)
-# and viewed with one ``np.ndarray`` call, plus one DLPack import for torch. Headers the
+# exactly that header (one dict lookup of the ``at.tensor`` text, an exact ``str``, after
+# the version and kind) are checked against it (payload class, nulls and length, in one
+# ``to_numpy`` call) and viewed with one ``np.ndarray`` call, plus one DLPack import for
+# torch. Headers the
 # fast path does not take (bool, which needs a scan; empty tensors; dtypes without numpy
 # form) are remembered as such. The sending side has the same shortcut in
 # ``_transport.send``: per output and (dtype, shape, strides), the transport decision and
@@ -344,19 +344,8 @@ class _FastDecode:
     """Torch in, torch out: ``_torch.from_readonly_numpy``; None for numpy."""
 
 
-_FAST_DECODE: dict[tuple[Any, ...], _FastDecode | None] = {}
-_HEADER_VALUES = operator.itemgetter(
-    _schema.KEY_VERSION,
-    _schema.KEY_KIND,
-    _schema.KEY_FRAMEWORK,
-    _schema.KEY_DTYPE,
-    _schema.KEY_SHAPE,
-    _schema.KEY_PERM,
-)
-"""The six header values in one call."""
+_FAST_DECODE: dict[str, _FastDecode | None] = {}
 _FAST_MAX = 256
-_INTS = frozenset((int,))
-_SEQUENCES = frozenset((list, tuple))
 _UNSEEN = object()
 _STORAGE_CLASSES = frozenset(type(pa.array([], type=t)) for t in _STORAGE_TYPES)
 """The array classes of the storage types, by exact class (one set lookup)."""
@@ -370,29 +359,22 @@ def fast_decode(array: Any, meta: Any) -> Any | None:
     """
     if type(meta) is not dict:
         return None
-    try:
-        version, kind, framework, dtype, shape, perm = _HEADER_VALUES(meta)
-    except KeyError:  # not a plain tensor message: the full path
-        return None
-    # Values that equal valid ones without being of the schema's types (True or 1.0 for 1,
-    # a str look-alike, a set for a list) go the full path, which refuses them; checked
-    # before the lookup so that they can neither hit nor poison an entry.
+    text = meta.get(_schema.KEY_TENSOR)
+    version = meta.get(_schema.KEY_VERSION)
+    kind = meta.get(_schema.KEY_KIND)
+    # Exact types: a str subclass could hash like a learned text, and True or 1.0 equal 1.
     if (
-        type(version) is not int
-        or not type(kind) is type(framework) is type(dtype) is str
-        or type(shape) not in _SEQUENCES
-        or type(perm) not in _SEQUENCES
-        or not _INTS.issuperset(map(type, shape))
-        or not _INTS.issuperset(map(type, perm))
+        type(text) is not str
+        or type(version) is not int
+        or type(kind) is not str
+        or version != _schema.VERSION
+        or kind != _schema.KIND_TENSOR
     ):
         return None
-    key = (version, kind, framework, dtype, tuple(shape), tuple(perm))
-    entry = _FAST_DECODE.get(key, _UNSEEN)
+    entry = _FAST_DECODE.get(text, _UNSEEN)
     if entry is _UNSEEN:
-        entry = _learn(key, meta)
-    if entry is None:
-        return None
-    if type(array) not in _STORAGE_CLASSES:
+        entry = _learn(text)
+    if entry is None or type(array) not in _STORAGE_CLASSES:
         return None
     # One pyarrow call (each costs microseconds in a node woken by a message): refuses nulls,
     # honours the offset; pyarrow validated the buffer's size when it built the array.
@@ -409,18 +391,15 @@ def fast_decode(array: Any, meta: Any) -> Any | None:
     return out
 
 
-def _learn(key: tuple[Any, ...], meta: dict[str, Any]) -> _FastDecode | None:
+def _learn(text: str) -> _FastDecode | None:
     """The fast-path entry of a header seen for the first time (None: not for the fast path)."""
     try:
-        if key[0] != _schema.VERSION or key[1] != _schema.KIND_TENSOR:
-            entry = None
-        else:
-            entry = _fast_entry(_schema.parse_header(meta))
+        entry = _fast_entry(_schema.header_of(text))
     except (MetadataError, UnsupportedTensorError):
         entry = None  # the full path raises it, with its message
     if len(_FAST_DECODE) >= _FAST_MAX:
         _FAST_DECODE.clear()
-    _FAST_DECODE[key] = entry
+    _FAST_DECODE[text] = entry
     return entry
 
 

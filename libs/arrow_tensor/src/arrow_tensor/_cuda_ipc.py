@@ -201,8 +201,8 @@ def parse_descriptor(array: Any, meta: Mapping[str, Any]) -> CudaDescriptor:
     if offset + nbytes > alloc:
         raise MetadataError(
             f"the tensor's {nbytes} bytes at offset {offset} end at {offset + nbytes}, past "
-            f"the end of its {alloc}-byte allocation ({KEY_OFFSET!r}, {KEY_ALLOC!r}, "
-            f"{_schema.KEY_SHAPE!r} and {_schema.KEY_DTYPE!r} disagree)"
+            f"the end of its {alloc}-byte allocation ({KEY_OFFSET!r}, {KEY_ALLOC!r} "
+            f"and {_schema.KEY_TENSOR!r} disagree)"
         )
     if nbytes and offset % min(header.dtype.itemsize, 16):
         raise MetadataError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,13 +13,11 @@ from . import _dtypes, _layout
 from ._errors import MetadataError, NotATensorMessageError, VersionError
 
 PREFIX = "at."
-VERSION = 1
+VERSION = 2
 KEY_VERSION = "at.version"
 KEY_KIND = "at.kind"
-KEY_FRAMEWORK = "at.framework"
-KEY_DTYPE = "at.dtype"
-KEY_SHAPE = "at.shape"
-KEY_PERM = "at.perm"
+KEY_TENSOR = "at.tensor"
+"""The tensor header, one string: ``<framework>;<dtype>;<shape>;<perm>`` (see SPEC.md)."""
 KEY_CHECKSUM = "at.checksum"
 
 KIND_TENSOR = "tensor"
@@ -34,6 +33,10 @@ KEY_CHUNK_TOTAL = "at.chunk.total"
 FRAMEWORKS = ("numpy", "torch", "cupy", "pyarrow.cuda")  # the last two: CUDA descriptors only
 MAX_NDIM = 64
 MAX_ELEMENTS = 1 << 62
+MAX_HEADER_CHARS = 4096
+"""Longer ``at.tensor`` values are refused unread (a valid one has under 2,700 characters)."""
+_DIMS = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*")
+"""A shape or permutation field: canonical decimal integers, comma separated."""
 
 
 def _describe(value: object) -> str:
@@ -123,16 +126,14 @@ class TensorHeader:
         """Strides, in elements, of the logical tensor viewed over the dense payload."""
         return tuple(_layout.dense_strides(self.shape, self.perm))
 
+    @cached_property
+    def text(self) -> str:
+        """The ``at.tensor`` value of this header."""
+        return pack(self.framework, self.dtype.name, self.shape, self.perm)
+
     def to_metadata(self) -> dict[str, Any]:
         """The flat metadata entries for this header."""
-        return {
-            KEY_VERSION: VERSION,
-            KEY_KIND: KIND_TENSOR,
-            KEY_FRAMEWORK: self.framework,
-            KEY_DTYPE: self.dtype.name,
-            KEY_SHAPE: list(self.shape),
-            KEY_PERM: list(self.perm),
-        }
+        return {KEY_VERSION: VERSION, KEY_KIND: KIND_TENSOR, KEY_TENSOR: self.text}
 
     def describe(self) -> str:
         """Canonical one-line text of dtype, shape and permutation (also hashed by checksums)."""
@@ -141,8 +142,13 @@ class TensorHeader:
         return f"arrow_tensor/{VERSION};{self.dtype.name};[{shape}];[{perm}]"
 
 
-# Headers already validated, by their exact metadata values (see parse_header).
-_HEADERS: dict[tuple[str, str, tuple[int, ...], tuple[int, ...]], TensorHeader] = {}
+def pack(framework: str, dtype: str, shape: Any, perm: Any) -> str:
+    """The ``at.tensor`` text of a header's fields, unvalidated (tests build hostile ones)."""
+    return f"{framework};{dtype};{','.join(map(str, shape))};{','.join(map(str, perm))}"
+
+
+# Headers already validated, by their exact at.tensor text (see parse_header).
+_HEADERS: dict[str, TensorHeader] = {}
 # Headers of tensors being encoded (trusted, so kept apart from _HEADERS).
 _ENCODED: dict[tuple[str, tuple[int, ...], tuple[int, ...], str], TensorHeader] = {}
 _HEADERS_MAX = 256
@@ -163,51 +169,73 @@ def encoder_header(
 
 
 def parse_header(meta: Mapping[str, Any]) -> TensorHeader:
-    """Read and validate a tensor header from metadata already passed by check_envelope.
-
-    A stream repeats the same few headers: metadata whose values have exactly the types the
-    schema asks for is looked up among headers validated before (the same object is
-    returned). Anything else, and every first sighting, goes through ``_parse_header``.
-    """
-    framework, name = meta.get(KEY_FRAMEWORK), meta.get(KEY_DTYPE)
-    shape, perm = meta.get(KEY_SHAPE), meta.get(KEY_PERM)
-    if (
-        type(framework) is str
-        and type(name) is str
-        and type(shape) in (list, tuple)
-        and type(perm) in (list, tuple)
-        and len(shape) == len(perm) <= MAX_NDIM
-        # Exact int: True and 1.0 equal 1 in a dict key but are refused by _parse_header.
-        and all(type(v) is int for v in shape)
-        and all(type(v) is int for v in perm)
-    ):
-        key = (framework, name, tuple(shape), tuple(perm))
-        header = _HEADERS.get(key)
-        if header is None:
-            header = _parse_header(meta)
-            if len(_HEADERS) >= _HEADERS_MAX:
-                _HEADERS.clear()
-            _HEADERS[key] = header
-        return header
-    return _parse_header(meta)
+    """Read and validate the tensor header (``at.tensor``) of metadata passed by check_envelope."""
+    text = meta.get(KEY_TENSOR)
+    if type(text) is not str:  # absent, of another type, or a str subclass: never memoized
+        return parse_text(require(meta, KEY_TENSOR, str))
+    return header_of(text)
 
 
-def _parse_header(meta: Mapping[str, Any]) -> TensorHeader:
-    """``parse_header`` without the memo: every check, in a fixed order."""
-    framework = require(meta, KEY_FRAMEWORK, str)
+def header_of(text: str) -> TensorHeader:
+    """``parse_text(text)``, memoized: a stream repeats the same few headers, so the same
+    header object (and its derived values) comes back for a text validated before."""
+    header = _HEADERS.get(text)
+    if header is None:
+        header = parse_text(text)
+        if len(_HEADERS) >= _HEADERS_MAX:
+            _HEADERS.clear()
+        _HEADERS[text] = header
+    return header
+
+
+def parse_text(text: str) -> TensorHeader:
+    """Validate an ``at.tensor`` text, every check in a fixed order (SPEC.md, Tensor header)."""
+    text = str.__str__(text)  # a plain str: a subclass's own len or split are not trusted
+    if len(text) > MAX_HEADER_CHARS:
+        raise MetadataError(
+            f"{KEY_TENSOR!r} has {len(text)} characters; at most {MAX_HEADER_CHARS} are allowed"
+        )
+    fields = text.split(";")
+    if len(fields) != 4:
+        raise MetadataError(
+            f"{KEY_TENSOR!r} must be '<framework>;<dtype>;<shape>;<perm>' (4 fields separated "
+            f"by ';'), got {len(fields)} field(s) in {_describe(text)}"
+        )
+    framework, dtype, shape, perm = fields
+    try:
+        return _from_fields(framework, dtype, _dims(shape, "the shape"), _dims(perm, "the perm"))
+    except MetadataError as exc:
+        raise MetadataError(f"{KEY_TENSOR!r} {text[:160]!r}: {exc}") from None
+
+
+def _dims(field: str, name: str) -> list[int]:
+    if not field:
+        return []
+    if not _DIMS.fullmatch(field):
+        raise MetadataError(
+            f"{name} must be decimal integers separated by ',' without signs, spaces or "
+            f"leading zeros, got {field[:80]!r}"
+        )
+    return [int(v) for v in field.split(",")]
+
+
+def _from_fields(framework: str, dtype: str, shape: list[int], perm: list[int]) -> TensorHeader:
     if framework not in FRAMEWORKS:
-        raise MetadataError(f"{KEY_FRAMEWORK!r} must be one of {FRAMEWORKS}, got {framework!r}")
-    dtype = _dtypes.lookup(require(meta, KEY_DTYPE, str))
-    shape = int_list(meta, KEY_SHAPE)
+        raise MetadataError(f"the framework must be one of {FRAMEWORKS}, got {framework[:40]!r}")
+    entry = _dtypes.lookup(dtype)
+    if len(shape) > MAX_NDIM or len(perm) > MAX_NDIM:
+        raise MetadataError(
+            f"the shape has {len(shape)} and the perm {len(perm)} entries; at most {MAX_NDIM} "
+            "dimensions are allowed"
+        )
     if any(d < 0 for d in shape):
-        raise MetadataError(f"{KEY_SHAPE!r} has a negative dimension: {list(shape)}")
+        raise MetadataError(f"the shape has a negative dimension: {list(shape)}")
     # Zeros counted as 1: numpy and torch size every dimension even of an empty tensor.
-    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > MAX_ELEMENTS:
-        raise MetadataError(f"{KEY_SHAPE!r} {list(shape)} spans more than 2**62 bytes")
-    perm = int_list(meta, KEY_PERM)
+    if math.prod(max(d, 1) for d in shape) * entry.itemsize > MAX_ELEMENTS:
+        raise MetadataError(f"the shape {list(shape)} spans more than 2**62 bytes")
     if sorted(perm) != list(range(len(shape))):
         raise MetadataError(
-            f"{KEY_PERM!r} must be a permutation of 0..{len(shape) - 1} "
+            f"the perm must be a permutation of 0..{len(shape) - 1} "
             f"for shape {list(shape)}, got {list(perm)}"
         )
-    return TensorHeader(dtype, shape, perm, framework)
+    return TensorHeader(entry, tuple(shape), tuple(perm), framework)

@@ -38,7 +38,6 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -93,7 +92,6 @@ def _check_key(key: Any) -> None:
 
 
 _PLAIN_TYPES = frozenset((bool, int, float, str))
-_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 _KEYS_OK: set[str] = set()
 """User metadata keys checked before (a node sends the same few over and over)."""
 
@@ -234,12 +232,7 @@ def send(
                     and _PLAIN_TYPES.issuperset(map(type, metadata.values()))
                 )
             ):
-                meta = {  # fresh shape and perm lists: a receiver may keep what it was given
-                    **entry.metadata,
-                    _schema.KEY_SHAPE: list(bits.shape),
-                    _schema.KEY_PERM: list(entry.metadata[_schema.KEY_PERM]),
-                    **(metadata or _NO_METADATA),
-                }
+                meta = {**entry.metadata, **metadata} if metadata else entry.metadata.copy()
                 if entry.perm is not None:
                     bits = bits.transpose(entry.perm)
                 if not entry.raw:
@@ -573,9 +566,9 @@ class Receiver:
                 return value
         meta = _schema.check_envelope(metadata)
         kind = meta.get(_schema.KEY_KIND)
-        if kind == _schema.KIND_TENSOR:
+        if type(kind) is str and kind == _schema.KIND_TENSOR:
             return _codec.decode_tensor(array, meta, self.writable, self.verify)
-        if kind != _schema.KIND_CHUNK:
+        if type(kind) is not str or kind != _schema.KIND_CHUNK:  # decode says what is wrong
             return decode(array, meta, writable=self.writable, verify=self.verify)
         done = self._chunks.add(array, meta)
         if done is None:

@@ -6,7 +6,7 @@ starting at a multiple of 64 bytes (so typed views are aligned whenever the buff
 flat metadata: a compact JSON *skeleton* (``at.tree``) for the containers and scalars, and a
 column table of the tensor leaves (``at.leaf.*``), one entry per leaf in skeleton order. Each
 leaf is planned by ``_codec.plan`` and written by ``TensorPlan.write_into`` (one copy into its
-segment), and rebuilt by ``_schema.parse_header`` + ``_codec.view_tensor`` over its slice of
+segment), and rebuilt by ``_schema.header_of`` + ``_codec.view_tensor`` over its slice of
 the received buffer: the single-tensor rules (exact bits, same strides for dense layouts,
 zero-copy read-only views, ``writable=True`` copies) hold leaf by leaf. The decoder trusts
 nothing: offsets must be aligned, in order, non-overlapping and inside the buffer, and the
@@ -269,14 +269,11 @@ def decode_tree(
         ndim, off = ndims[i], offsets[i]
         if not 0 <= ndim <= _schema.MAX_NDIM:
             raise MetadataError(f"leaf {i}: ndim {ndim} outside 0..{_schema.MAX_NDIM}")
-        header = _schema.parse_header(
-            {
-                _schema.KEY_FRAMEWORK: frameworks[i],
-                _schema.KEY_DTYPE: dtypes[i],
-                _schema.KEY_SHAPE: shapes[start : start + ndim],
-                _schema.KEY_PERM: perms[start : start + ndim],
-            }
-        )
+        try:
+            shape, perm = shapes[start : start + ndim], perms[start : start + ndim]
+            header = _schema.header_of(_schema.pack(frameworks[i], dtypes[i], shape, perm))
+        except MetadataError as exc:
+            raise MetadataError(f"leaf {i}: {exc}") from None
         start += ndim
         if off % ALIGNMENT or off < end or off + header.nbytes > nbytes:
             raise MetadataError(
