@@ -62,10 +62,14 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Every method side by side (benchmarks/run.py), then the loaned shared-memory tensor's
-# latency from 4 KiB to 1 GiB on its own, warmed up (benchmarks/shm_latency.py).
+# Every method side by side (benchmarks/run.py); decode time with every message equally
+# cold (20 ms idle after each ack: back to back, a 64 MiB copy evicts the receiver's caches);
+# then the loaned shared-memory tensor's latency from 4 KiB to 1 GiB, warmed up
+# (benchmarks/shm_latency.py).
 bench: install
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py --sizes 4K,1M,64M --layouts contiguous \
+		--methods raw_dora,at,at_numpy --gap-ms 20 --name cold-$$(date -u +%Y%m%dT%H%M%SZ)
 	$(BIN)/python benchmarks/shm_latency.py
 
 test-gpu: install

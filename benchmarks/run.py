@@ -20,6 +20,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -126,7 +127,7 @@ def build_plan(sizes: list[int], layouts: list[str], methods: list[str], quick: 
     return {"groups": groups}
 
 
-def dataflow_yaml(workdir: Path, methods: list[str]) -> str:
+def dataflow_yaml(workdir: Path, methods: list[str], gap_s: float = 0.0) -> str:
     """One output per method: each transport keeps its own pools, as in a real node."""
     nodes = HERE / "nodes"
     outputs = ", ".join(["hello", *(output_of(m) for m in methods)])
@@ -145,6 +146,7 @@ nodes:
       BENCH_PLAN: {workdir / "plan.json"}
       BENCH_RESULTS: {workdir / "records.json"}
       BENCH_CASE_SECONDS: "{CASE_SECONDS}"
+      BENCH_GAP_S: "{gap_s}"
   - id: receiver
     path: {nodes / "bench_receiver.py"}
     inputs:
@@ -155,11 +157,13 @@ nodes:
 """
 
 
-def run_dataflow(plan: dict, workdir: Path, timeout: float) -> list[dict[str, Any]]:
+def run_dataflow(
+    plan: dict, workdir: Path, timeout: float, gap_s: float = 0.0
+) -> list[dict[str, Any]]:
     (workdir / "plan.json").write_text(json.dumps(plan))
     yml = workdir / "bench.yml"
     methods = sorted({m for g in plan["groups"] for m in g["methods"]})
-    yml.write_text(dataflow_yaml(workdir, methods))
+    yml.write_text(dataflow_yaml(workdir, methods, gap_s))
     env = dict(os.environ)
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     dora = shutil.which("dora", path=env["PATH"]) or "dora"
@@ -218,6 +222,8 @@ def summarize(records: list[dict[str, Any]], plan: dict) -> list[dict[str, Any]]
                     * 1e3,
                     send_wall_ms=statistics.median(s["send_s"] for s in samples) * 1e3,
                     decode_ms=statistics.median(s["decode_s"] for s in samples) * 1e3,
+                    # dora's ev["value"] (building the pyarrow array), outside decode_ms
+                    value_ms=statistics.median(s.get("value_s", math.nan) for s in samples) * 1e3,
                 )
                 vias = sorted({s.get("via", "") for s in samples} - {""})
                 if vias and name.startswith("at"):
@@ -240,6 +246,7 @@ COLUMNS = [
     "send_process_cpu_ms",
     "send_wall_ms",
     "decode_ms",
+    "value_ms",
     "note",
 ]
 
@@ -394,8 +401,9 @@ def targets(rows: list[dict[str, Any]], paired: dict[str, float] | None = None) 
                     f"{other} = {best[0] / base:.2f} (target >= {goal})"
                 )
     # Decoding touches no payload byte, but after a 64 MiB copy every cache is cold: raw
-    # dora's own two calls slow down as much (benchmarks/codec_micro.py measures decode in a
-    # warm loop, where 4 KiB and 64 MiB take the same time).
+    # dora's own two calls slow down as much. With --gap-ms every message meets the same
+    # cold caches, and 4 KiB and 64 MiB decode in the same time (so does a warm loop,
+    # benchmarks/codec_micro.py).
     for m in ("at_numpy", "at", "raw_dora"):
         small, big = get.get((m, "contiguous", 4 << 10)), get.get((m, "contiguous", 64 << 20))
         if small and big:
@@ -560,6 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help=f"comma-separated among {list(METHODS)}")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds for the dataflow")
     ap.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.0,
+        help="idle time after each ack, so that every message meets the same cold caches "
+        "(decode time without the cache eviction of big copies); latencies are unaffected",
+    )
+    ap.add_argument(
         "--render",
         metavar="DIR",
         help="rebuild summary.md and latency.png of a results folder from its results.json",
@@ -593,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="at-bench-") as tmp:
-        records = run_dataflow(plan, Path(tmp), args.timeout)
+        records = run_dataflow(plan, Path(tmp), args.timeout, args.gap_ms / 1e3)
     elapsed = time.monotonic() - t0
     rows = summarize(records, plan)
     paired = paired_overheads(records)
@@ -618,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 "paired_overhead_4k_us": paired,
                 "elapsed_s": elapsed,
                 "quick": args.quick,
+                "gap_ms": args.gap_ms,
             },
             indent=1,
         )

@@ -17,6 +17,8 @@ from dora import Node
 from methods import METHODS, output_of
 
 CASE_SECONDS = float(os.environ.get("BENCH_CASE_SECONDS", "2.5"))
+GAP_S = float(os.environ.get("BENCH_GAP_S", "0"))
+"""Idle time after each ack (``run.py --gap-ms``): every message then meets cold caches."""
 
 
 def make_tensor(size: int, layout: str) -> Any:
@@ -45,7 +47,12 @@ def wait_ack(node: Node, case: int, i: int, timeout: float) -> dict[str, Any] | 
         meta = ev["metadata"]
         if meta.get("case") == case and meta.get("i") == i:
             values = ev["value"].to_pylist()
-            return {"latency_s": values[0], "decode_s": values[1], "error": meta.get("error", "")}
+            return {
+                "latency_s": values[0],
+                "decode_s": values[1],
+                "value_s": values[2],
+                "error": meta.get("error", ""),
+            }
     return None
 
 
@@ -72,6 +79,8 @@ def send_one(node: Node, c: dict[str, Any], group: dict[str, Any]) -> dict[str, 
     send_s = time.clock_gettime(time.CLOCK_MONOTONIC) - t0
     cpu_s, pcpu_s = time.thread_time() - c0, time.process_time() - p0
     ack = wait_ack(node, c["case"], i, 120.0)
+    if GAP_S:
+        time.sleep(GAP_S)
     if ack is None or ack["error"]:
         c["error"] = "lost (no ack in 120 s)" if ack is None else ack["error"]
         return None
