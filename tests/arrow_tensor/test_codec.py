@@ -403,7 +403,7 @@ def test_decode_accepts_every_storage_type(storage: pa.DataType, framework: str,
 def test_decode_sliced_array_uses_its_offset(framework: str, tensors: Any) -> None:
     x = tensors.random_numpy((3, 5), np.dtype("<f4"))
     array, meta = at.encode(x if framework == "numpy" else torch.from_numpy(x))
-    words = array.to_numpy()
+    words = array.to_numpy().view("<u4")  # a uint32 container of the same bytes
     padded = pa.array(np.concatenate([words[:7] ^ 0xFFFF, words, words[:5]]), pa.uint32())
     sliced = padded.slice(7, len(words))
     assert sliced.offset == 7

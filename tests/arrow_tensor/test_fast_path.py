@@ -347,7 +347,7 @@ def _hostile_arrays(array: pa.Array) -> dict[str, pa.Array]:
         "longer": pa.Array.from_buffers(pa.uint32(), n + 1, [None, pa.py_buffer(bytes(4 * n + 4))]),
         "shorter": array.slice(0, n - 1),
         "nulls": pa.array([None, *range(n - 1)], type=pa.uint32()),
-        "float type": pa.Array.from_buffers(pa.float32(), n, [None, data]),
+        "date type": pa.Array.from_buffers(pa.date32(), n, [None, data]),
         "chunked": pa.chunked_array([array]),
         "not arrow": np.frombuffer(data, np.uint32),
     }
@@ -355,7 +355,7 @@ def _hostile_arrays(array: pa.Array) -> dict[str, pa.Array]:
 
 @pytest.mark.parametrize(
     "case",
-    ["longer", "shorter", "nulls", "float type", "chunked", "not arrow"],
+    ["longer", "shorter", "nulls", "date type", "chunked", "not arrow"],
 )
 def test_learned_header_with_a_bad_payload_gets_the_full_paths_error(
     learned: tuple[pa.Array, dict[str, Any]], case: str
@@ -365,6 +365,24 @@ def test_learned_header_with_a_bad_payload_gets_the_full_paths_error(
     assert _codec.fast_decode(bad, dict(meta)) is None
     with pytest.raises(PayloadError):
         at.decode(bad, dict(meta))
+
+
+@pytest.mark.parametrize("container", [pa.float32(), pa.uint32(), pa.int32(), pa.uint8()])
+def test_any_container_of_the_same_bytes_gives_the_same_view(
+    learned: tuple[pa.Array, dict[str, Any]], container: pa.DataType
+) -> None:
+    """SPEC: the Arrow type only carries bytes. The encoder's own type (float32 here) is
+    reshaped as it is; any other container is viewed as the dtype; both equal the full path."""
+    array, meta = learned
+    assert array.type == pa.float32()  # what the encoder sends for float32
+    data = array.buffers()[1]
+    other = pa.Array.from_buffers(container, data.size * 8 // container.bit_width, [None, data])
+    fast = _codec.fast_decode(other, dict(meta))
+    full = at.decode(other, dict(meta), writable=True)
+    assert fast is not None
+    assert not fast.flags.writeable
+    assert (fast.dtype, fast.shape, fast.strides) == (full.dtype, full.shape, full.strides)
+    np.testing.assert_array_equal(fast.view(np.uint32), full.view(np.uint32))
 
 
 def test_another_learned_text_over_this_payload_is_viewed_as_that_text(

@@ -83,7 +83,7 @@ def test_send_encodes_values_and_metadata() -> None:
             {
                 "type": "INPUT",
                 "id": "x",
-                "value": pa.array([1.5]),
+                "value": pa.array(["1.5"]),
                 "metadata": at.encode(np.zeros(1))[1],
             },
             "PayloadError",

@@ -357,7 +357,7 @@ def _learn_send(node: Any, output_id: str, value: Any, key: tuple[Any, ...]) -> 
             entry = _FastSend(
                 node=node,
                 raw=raw,
-                arrow_type=_codec.storage_type(out.width),
+                arrow_type=_codec.storage_type(p.header.dtype.storage),
                 length=p.header.numel if raw else p.nbytes // out.width,
                 nbytes=p.nbytes,
                 perm=None if _layout.is_identity(perm) else perm,
