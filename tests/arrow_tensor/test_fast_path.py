@@ -8,6 +8,7 @@ learned header still get the full path's error.
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -582,6 +583,90 @@ def test_send_fast_path_refuses_what_torch_numpy_refuses() -> None:
     send(node, "out", y)
     decoded = at.decode(node.sent[-1][1], node.sent[-1][2])
     assert torch.equal(decoded, y.resolve_conj())
+
+
+def _bytes_of(t: Any) -> Any:
+    """A tensor's bits in logical order, comparable even with NaN payloads."""
+    return t.contiguous().view(torch.uint8)
+
+
+_TORCH_SEND_LAYOUTS = {
+    "contiguous": lambda t: t,
+    "transposed": lambda t: t.transpose(1, 2),
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "offset": lambda t: t[1:],  # a view starting inside its storage
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_TORCH_SEND_LAYOUTS))
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.uint8, torch.float16]
+)
+def test_torch_send_fast_path_sends_the_tensors_own_bytes(
+    dtype: torch.dtype, layout: str, tensors: Any
+) -> None:
+    """Torch tensors go by their data pointer (no t.numpy()): the same message as encode."""
+    node = _Recorder()
+    sent = []
+    for i in range(3):
+        x = _TORCH_SEND_LAYOUTS[layout](tensors.random_torch((3, 4, 5, 6), dtype, i))
+        assert send(node, "out", x) == "inline"
+        sent.append((x, at.encode(x)))
+    for (x, (full_array, full_meta)), (_, array, meta) in zip(sent, node.sent, strict=True):
+        assert meta == full_meta
+        assert array.type == full_array.type
+        assert array.buffers()[1].to_pybytes() == full_array.buffers()[1].to_pybytes()
+        assert array.buffers()[1].address == x.data_ptr()  # no copy
+        y = Receiver().receive(array, dict(meta))
+        assert (y.dtype, y.shape, y.stride()) == (x.dtype, x.shape, x.stride())
+        assert torch.equal(_bytes_of(y), _bytes_of(x))
+
+
+def test_torch_send_fast_path_keeps_the_tensor_alive() -> None:
+    node = _Recorder()
+    send(node, "out", torch.arange(1024.0))
+    send(node, "out", torch.arange(1024.0) * 3)  # nobody else holds this tensor
+    gc.collect()
+    for _ in range(100):  # reuse the freed memory if it were freed
+        torch.full((1024,), -1.0)
+    _, array, meta = node.sent[-1]
+    assert torch.equal(at.decode(array, meta), torch.arange(1024.0) * 3)
+
+
+@pytest.mark.parametrize("first", ["plain", "view"])
+@pytest.mark.parametrize("view", ["neg", "conj"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "non_dense"])
+def test_torch_send_fast_path_resolves_negative_and_conjugate_views_per_tensor(
+    first: str, view: str, layout: str, tensors: Any
+) -> None:
+    """A negative or conjugate view has the layout of a plain tensor but other values: the
+    fast path checks every tensor, and a view never teaches it a layout."""
+    dtype = torch.complex64 if view == "conj" else torch.float32
+    make = torch._neg_view if view == "neg" else torch.conj
+    # non_dense: a view resolves into a dense copy, which must not teach its layout to the
+    # strides of the view (the next plain tensor with them is not dense).
+    select = (lambda t: t[:, :, ::2]) if layout == "non_dense" else _TORCH_SEND_LAYOUTS[layout]
+    full = tensors.random_torch((3, 4, 10), dtype, 1)
+    plain, viewed = select(full.clone()), make(select(full))
+    assert viewed.stride() == plain.stride()
+    assert viewed.is_neg() if view == "neg" else viewed.is_conj()
+    order = [plain, viewed] * 2 if first == "plain" else [viewed, plain] * 2
+    node = _Recorder()
+    for x in order:
+        send(node, "out", x)
+    for x, (_, array, meta) in zip(order, node.sent, strict=True):
+        y = at.decode(array, meta)
+        assert torch.equal(_bytes_of(y), _bytes_of(x.resolve_neg().resolve_conj()))
+
+
+def test_torch_send_fast_path_never_reads_another_devices_pointer() -> None:
+    node = _Recorder()
+    send(node, "out", torch.zeros(8))
+    send(node, "out", torch.zeros(8))
+    meta_tensor = torch.empty(8, device="meta")  # same dtype, shape and strides
+    with pytest.raises(at.ArrowTensorError):
+        send(node, "out", meta_tensor)
+    assert len(node.sent) == 2
 
 
 def test_send_fast_path_skips_outputs_that_may_loan(monkeypatch: pytest.MonkeyPatch) -> None:
