@@ -168,19 +168,39 @@ def run_dataflow(
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     dora = shutil.which("dora", path=env["PATH"]) or "dora"
     log = workdir / "dora.log"
+    total = sum(len(g["methods"]) for g in plan["groups"])
+    done = 0
+    start = time.monotonic()
+    seen = 0  # characters of the log already read
+
+    def progress() -> None:
+        """Print the sender's "done" lines that reached the log since the last call."""
+        nonlocal done, seen
+        text = log.read_text(errors="replace")
+        new, seen = text[seen : text.rfind("\n") + 1], text.rfind("\n") + 1
+        for line in new.splitlines():
+            if "stdout sender: done" in line:
+                done += 1
+                case = line.split("stdout sender: done", 1)[1].strip()
+                print(f"  [{done}/{total}, {time.monotonic() - start:4.0f} s] {case}", flush=True)
+
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [dora, "run", str(yml)], stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env
         )
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(30)
-            raise SystemExit(f"dora run timed out after {timeout:.0f} s; log: {log}") from None
-    for line in log.read_text().splitlines():
-        if "stdout sender: done" in line:
-            print("  " + line.split("stdout sender: ", 1)[1], flush=True)
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                progress()
+                if time.monotonic() - start > timeout:
+                    proc.terminate()
+                    proc.wait(30)
+                    raise SystemExit(
+                        f"dora run timed out after {timeout:.0f} s; log: {log}"
+                    ) from None
+    progress()
     if rc != 0 or not (workdir / "records.json").exists():
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise SystemExit(f"dora run failed (exit {rc}); log {log}:\n{tail}")
