@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 from arrow_tensor import _schema
+from lookalikes import Spoof
 
 
 @pytest.fixture
@@ -352,19 +353,6 @@ class _Str(str):
     """A str subclass: dora never delivers one, a caller might."""
 
 
-class _Spoof(str):
-    """A str subclass that hashes and compares like the message fixture's valid header."""
-
-    def __hash__(self) -> int:
-        return hash("numpy;float32;3,4;0,1")
-
-    def __eq__(self, other: object) -> bool:
-        return True
-
-    def __ne__(self, other: object) -> bool:
-        return False
-
-
 class _ShortLiar(str):
     """A str subclass whose len() hides its length (the parser must not be fooled)."""
 
@@ -378,19 +366,19 @@ class _ShortLiar(str):
         (_Str("numpy;float32;3,4;0,1"), None),
         (_Str("torch;float32;3,4;0,1"), None),
         (_Str("numpy;float32;4,3;1,0"), None),
-        (_Spoof("numpy;float32;3,4;0,1"), None),
-        (_Spoof("numpy;float32;4,3;0,1"), None),  # not the cached [3, 4] it compares equal to
-        (_Spoof("torch;float32;3,4;0,1"), None),
+        (Spoof("numpy;float32;3,4;0,1"), None),
+        (Spoof("numpy;float32;4,3;0,1"), None),  # not the cached [3, 4] it compares equal to
+        (Spoof("torch;float32;3,4;0,1"), None),
         (_Str("numpy;float32;3,-4;0,1"), _not_dims("numpy;float32;3,-4;0,1", "the shape", "3,-4")),
         (_Str("numpy;float32;3,4;0,1;"), _field_count("numpy;float32;3,4;0,1;", "str")),
         (_Str("numpy;float32;3,4;0,1" + " " * 4076), "'at.tensor' has 4097 characters"),
         (
-            _Spoof("numpy;float32;3,-4;0,1"),
+            Spoof("numpy;float32;3,-4;0,1"),
             _not_dims("numpy;float32;3,-4;0,1", "the shape", "3,-4"),
         ),
-        (_Spoof("numpy;float32;4,4;0,1"), "payload holds 48 bytes but dtype and shape describe 64"),
-        (_Spoof("numpy;float64;3,4;0,1"), "describe 96 bytes"),
-        (_Spoof("numpy;float32;3,4;0,0"), "the perm must be a permutation of 0..1"),
+        (Spoof("numpy;float32;4,4;0,1"), "payload holds 48 bytes but dtype and shape describe 64"),
+        (Spoof("numpy;float64;3,4;0,1"), "describe 96 bytes"),
+        (Spoof("numpy;float32;3,4;0,0"), "the perm must be a permutation of 0..1"),
         # Its len() is not asked: the text is read as the plain str it holds.
         (_ShortLiar("numpy;float32;" + "1," * 10**5 + "1;0"), "has 200017 characters; at most"),
         (_ShortLiar("numpy;float32;3,4;0,1" + " " * 10**5), "has 100021 characters; at most"),
