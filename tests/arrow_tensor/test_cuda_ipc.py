@@ -404,7 +404,7 @@ def _with_header(meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
         ),
         (lambda a, m: (a, _with_header(m, shape=[8, 1 << 40])), MetadataError, "past the end"),
         # A negative dimension has no canonical decimal form: refused as such.
-        (lambda a, m: (a, _with_header(m, shape=[8, -8])), MetadataError, "without signs"),
+        (lambda a, m: (a, _with_header(m, shape=[8, -8])), MetadataError, "no signs"),
         (
             lambda a, m: (a, _with_header(m, shape=[1 << 40] * 3, perm=[0, 1, 2])),
             MetadataError,

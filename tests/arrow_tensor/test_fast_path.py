@@ -659,6 +659,36 @@ def test_torch_send_fast_path_resolves_negative_and_conjugate_views_per_tensor(
         assert torch.equal(_bytes_of(y), _bytes_of(x.resolve_neg().resolve_conj()))
 
 
+def test_torch_send_fast_path_never_reads_a_zero_tensors_pointer() -> None:
+    """A ZeroTensor view has a dense layout but no memory: its data_ptr is an offset from 0
+    (reading it crashed the sender). Both paths refuse it with a typed error."""
+    zeros = torch._efficientzerotensor((4, 3), dtype=torch.float32)[1:]
+    assert zeros._is_zerotensor()
+    assert zeros.stride() == (3, 1)
+    node = _Recorder()
+    with pytest.raises(UnsupportedTensorError, match="no CPU memory of its own"):
+        send(node, "out", zeros)  # first: nothing learned from it
+    send(node, "out", torch.ones(3, 3))  # the layout is learned
+    with pytest.raises(UnsupportedTensorError, match="no CPU memory of its own"):
+        send(node, "out", zeros)
+    send(node, "out", torch.ones(3, 3) * 2)
+    assert [m[_schema.KEY_TENSOR] for _, _, m in node.sent] == ["torch;float32;3,3;0,1"] * 2
+    assert torch.equal(at.decode(node.sent[-1][1], node.sent[-1][2]), torch.full((3, 3), 2.0))
+
+
+def test_fast_decode_never_keeps_an_overlong_header(learned: tuple[pa.Array, Any]) -> None:
+    array, meta = learned
+    before = dict(_codec._FAST_DECODE)
+    for i in range(3):
+        text = _LEARNED_TEXT + " " * _schema.MAX_HEADER_CHARS + str(i)
+        bad = {**meta, _schema.KEY_TENSOR: text}
+        assert _codec.fast_decode(array, bad) is None
+        with pytest.raises(MetadataError, match="characters; at most 4096"):
+            at.decode(array, bad)
+    assert _codec._FAST_DECODE == before
+    assert all(len(key) <= _schema.MAX_HEADER_CHARS for key in _schema._HEADERS)
+
+
 def test_torch_send_fast_path_never_reads_another_devices_pointer() -> None:
     node = _Recorder()
     send(node, "out", torch.zeros(8))

@@ -346,10 +346,12 @@ HOSTILE = [
         "at.tensor",
         _schema.pack("numpy", "float32", [-1024], [0]),
         at.MetadataError,
-        "without signs",
+        "no signs",
     ),
     ("at.tensor", _schema.pack("numpy", "float32", [1024], [1]), at.MetadataError, "permutation"),
     ("at.tensor", b"numpy;float32;1024;0", at.MetadataError, "'at.tensor' must be str"),
+    # a CUDA descriptor's framework over host memory (it used to come back as numpy)
+    ("at.tensor", "cupy;float32;1024;0", at.MetadataError, "host memory decodes to one of"),
     ("at.shm.seq", "1", at.MetadataError, "must be int"),
 ]
 

@@ -359,6 +359,30 @@ def test_absurd_total_is_refused_before_allocating() -> None:
         Receiver().receive(pa.array(np.zeros(8, np.uint8)), meta)
 
 
+def test_a_header_no_receiver_can_view_is_refused_at_the_first_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """numpy;bfloat16 is refused when parsed, before chunk 0 allocates the whole value."""
+    allocations: list[Any] = []
+    real_empty = np.empty
+    monkeypatch.setattr(np, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
+    meta = {
+        **at.encode(np.zeros(4, dtype=np.uint8))[1],
+        _schema.KEY_KIND: "chunk",
+        _schema.KEY_CHUNK_KIND: "tensor",
+        _schema.KEY_CHUNK_STREAM: "s",
+        _schema.KEY_CHUNK_SEQ: 0,
+        _schema.KEY_CHUNK_INDEX: 0,
+        _schema.KEY_CHUNK_COUNT: 2,
+        _schema.KEY_CHUNK_OFFSET: 0,
+        _schema.KEY_CHUNK_TOTAL: 1 << 24,
+        _schema.KEY_TENSOR: _schema.pack("numpy", "bfloat16", [1 << 23], [0]),
+    }
+    with pytest.raises(MetadataError, match="'bfloat16' has no numpy form"):
+        Receiver().receive(pa.array(np.zeros(8, np.uint8)), meta)
+    assert not any(a and a[0] == 1 << 24 for a in allocations)
+
+
 def test_chunk_claiming_more_bytes_than_its_total_is_an_error(small_cap: int) -> None:
     messages = _chunk_messages(np.arange(20_000, dtype=np.float64))
     receiver = Receiver()

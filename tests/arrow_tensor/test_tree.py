@@ -207,6 +207,14 @@ def _sample() -> tuple[pa.Array, dict[str, Any]]:
         ({"at.leaf.dtype": ["int64", "float128"]}, "unknown dtype"),
         ({"at.leaf.dtype": ["int64"]}, "list of 2 str"),
         ({"at.leaf.framework": ["numpy", "jax"]}, "framework"),
+        # CUDA descriptors' frameworks are no host leaves (they used to come back as numpy)
+        ({"at.leaf.framework": ["numpy", "cupy"]}, "host memory decodes to one of"),
+        ({"at.leaf.framework": ["pyarrow.cuda", "numpy"]}, "header names 'pyarrow.cuda'"),
+        ({"at.leaf.dtype": ["int64", "bfloat16"], "at.leaf.framework": ["numpy"] * 2}, "no numpy"),
+        # Python ints past what dora carries (str() of 10**5000 raises ValueError untyped)
+        ({"at.leaf.shape": [10**5000, 3]}, "leaf 0: shape or perm entries outside int64"),
+        ({"at.leaf.perm": [0, 10**20]}, "leaf 1: shape or perm entries outside int64"),
+        ({"at.leaf.shape": [4, -3]}, r"^leaf 1 \(its at.leaf.\* entries read as\) 'numpy"),
         ({"at.tree": "not json"}, "not valid JSON"),
         ({"at.tree": '{"a": 1}'}, "tagged list"),
         ({"at.tree": '["d","a",["t",0],"b",["l",["t",0],5]]'}, "tensor reference"),

@@ -42,7 +42,7 @@ def encode(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
     Returns
     -------
     (array, metadata)
-        ``array`` is a 1-D ``pyarrow`` unsigned-integer array: over the tensor's own memory
+        ``array`` is a 1-D fixed-width ``pyarrow`` array: over the tensor's own memory
         when its layout is dense (no copy), else over one compacted copy. ``metadata`` is a
         flat dict of ``at.``-prefixed keys that dora carries intact; add your own keys
         beside them.

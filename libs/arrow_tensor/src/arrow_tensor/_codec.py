@@ -15,6 +15,7 @@ private copies; see the read-only contract in the README.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -146,6 +147,12 @@ def plan(x: Any) -> TensorPlan:
         framework = "torch"
     if bits.ndim > _schema.MAX_NDIM:
         raise UnsupportedTensorError(f"{bits.ndim} dimensions; at most {_schema.MAX_NDIM}")
+    if math.prod(max(d, 1) for d in bits.shape) * bits.itemsize > _schema.MAX_ELEMENTS:
+        # Only empty tensors get here (others could not be allocated); decoders refuse them.
+        raise UnsupportedTensorError(
+            f"shape {list(bits.shape)} spans more than 2**62 bytes with its zero dimensions "
+            "counted as 1 (SPEC.md): no decoder accepts it; send a smaller empty tensor"
+        )
     perm, dense = _layout.analyse(bits.shape, bits.strides, bits.itemsize)
     order = bits.dtype.byteorder
     little = order in "<|" or (order == "=" and sys.byteorder == "little")
@@ -184,9 +191,10 @@ def encode_tensor(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, A
     Returns
     -------
     (array, metadata)
-        ``array`` is a ``pyarrow`` unsigned-integer array over the tensor's own memory when
-        its layout is dense (no copy), else over one compacted copy. ``metadata`` is a flat
-        dict of ``at.``-prefixed keys that dora carries intact; add your own keys beside them.
+        ``array`` is a 1-D ``pyarrow`` array (SPEC.md, Arrow storage) over the tensor's own
+        memory when its layout is dense (no copy), else over one compacted copy.
+        ``metadata`` is a flat dict of ``at.``-prefixed keys that dora carries intact; add
+        your own keys beside them.
 
     Raises
     ------
@@ -278,19 +286,24 @@ def decode_tensor(
     """
     if header is None:
         header = _schema.parse_header(meta)
-    if header.framework not in _HOST_FRAMEWORKS:
-        raise MetadataError(
-            f"a tensor message holds host memory for {_HOST_FRAMEWORKS}, "
-            f"but {_schema.KEY_TENSOR!r} names {header.framework!r}"
-        )
+    _check_host(header)
     buf = payload_buffer(array, header.nbytes)
     if verify:
         _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)
     return view_tensor(header, buf, writable)
 
 
+def _check_host(header: _schema.TensorHeader) -> None:
+    if header.framework not in _HOST_FRAMEWORKS:
+        raise MetadataError(
+            f"host memory decodes to one of {_HOST_FRAMEWORKS}, but the header names "
+            f"{header.framework!r} (a CUDA descriptor's framework)"
+        )
+
+
 def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) -> Any:
     """The tensor ``header`` describes, over exactly ``header.nbytes`` bytes of ``buf``."""
+    _check_host(header)  # tensor, tree and shm messages alike
     if header.dtype.name == "bool" and header.nbytes:
         # A byte other than 0/1 is a bool neither numpy nor torch handles consistently
         # (torch compares such a "True" unequal to True): refuse it, one pass over the bytes.
@@ -378,6 +391,7 @@ def fast_decode(array: Any, meta: Any) -> Any | None:
     # Exact types: a str subclass could hash like a learned text, and True or 1.0 equal 1.
     if (
         type(text) is not str
+        or len(text) > _schema.MAX_HEADER_CHARS  # never a cache key: refused unread
         or type(version) is not int
         or type(kind) is not str
         or version != _schema.VERSION
@@ -450,7 +464,12 @@ def _fast_entry(header: _schema.TensorHeader) -> _FastDecode | None:
         shape=header.shape,
         strides=tuple(s * header.dtype.itemsize for s in header.element_strides),
         to_torch=to_torch,
-        native=_native_class(header.dtype.storage) if header.dtype.storage == np_dtype else None,
+        # to_numpy gives host byte order: the wire's little-endian only on such hosts
+        native=(
+            _native_class(header.dtype.storage)
+            if header.dtype.storage == np_dtype and np_dtype.isnative
+            else None
+        ),
         physical_shape=header.physical_shape,
         inverse_perm=None if _layout.is_identity(header.perm) else header.inverse_perm,
     )

@@ -34,7 +34,7 @@ FRAMEWORKS = ("numpy", "torch", "cupy", "pyarrow.cuda")  # the last two: CUDA de
 MAX_NDIM = 64
 MAX_ELEMENTS = 1 << 62
 MAX_HEADER_CHARS = 4096
-"""Longer ``at.tensor`` values are refused unread (a valid one has under 2,700 characters)."""
+"""Longer ``at.tensor`` values are refused unread (valid ones are a few hundred at most)."""
 _DIMS = re.compile(r"(?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*")
 """A shape or permutation field: canonical decimal integers, comma separated."""
 
@@ -176,36 +176,39 @@ def parse_header(meta: Mapping[str, Any]) -> TensorHeader:
     return header_of(text)
 
 
-def header_of(text: str) -> TensorHeader:
-    """``parse_text(text)``, memoized: a stream repeats the same few headers, so the same
-    header object (and its derived values) comes back for a text validated before."""
+def header_of(text: str, where: str = repr(KEY_TENSOR)) -> TensorHeader:
+    """``parse_text(text, where)``, memoized: a stream repeats the same few headers, so the
+    same header object (and its derived values) comes back for a text validated before."""
     header = _HEADERS.get(text)
     if header is None:
-        header = parse_text(text)
+        header = parse_text(text, where)
         if len(_HEADERS) >= _HEADERS_MAX:
             _HEADERS.clear()
         _HEADERS[text] = header
     return header
 
 
-def parse_text(text: str) -> TensorHeader:
-    """Validate an ``at.tensor`` text, every check in a fixed order (SPEC.md, Tensor header)."""
+def parse_text(text: str, where: str = repr(KEY_TENSOR)) -> TensorHeader:
+    """Validate an ``at.tensor`` text, every check in a fixed order (SPEC.md, Tensor header).
+
+    ``where`` names the text's origin in error messages.
+    """
     text = str.__str__(text)  # a plain str: a subclass's own len or split are not trusted
     if len(text) > MAX_HEADER_CHARS:
         raise MetadataError(
-            f"{KEY_TENSOR!r} has {len(text)} characters; at most {MAX_HEADER_CHARS} are allowed"
+            f"{where} has {len(text)} characters; at most {MAX_HEADER_CHARS} are allowed"
         )
     fields = text.split(";")
     if len(fields) != 4:
         raise MetadataError(
-            f"{KEY_TENSOR!r} must be '<framework>;<dtype>;<shape>;<perm>' (4 fields separated "
+            f"{where} must be '<framework>;<dtype>;<shape>;<perm>' (4 fields separated "
             f"by ';'), got {len(fields)} field(s) in {_describe(text)}"
         )
     framework, dtype, shape, perm = fields
     try:
         return _from_fields(framework, dtype, _dims(shape, "the shape"), _dims(perm, "the perm"))
     except MetadataError as exc:
-        raise MetadataError(f"{KEY_TENSOR!r} {text[:160]!r}: {exc}") from None
+        raise MetadataError(f"{where} {text[:160]!r}: {exc}") from None
 
 
 def _dims(field: str, name: str) -> list[int]:
@@ -213,8 +216,8 @@ def _dims(field: str, name: str) -> list[int]:
         return []
     if not _DIMS.fullmatch(field):
         raise MetadataError(
-            f"{name} must be decimal integers separated by ',' without signs, spaces or "
-            f"leading zeros, got {field[:80]!r}"
+            f"{name} must be decimal integers separated by ',' (at most 19 digits each; no "
+            f"signs, spaces or leading zeros), got {field[:80]!r}"
         )
     return [int(v) for v in field.split(",")]
 
@@ -223,6 +226,8 @@ def _from_fields(framework: str, dtype: str, shape: list[int], perm: list[int]) 
     if framework not in FRAMEWORKS:
         raise MetadataError(f"the framework must be one of {FRAMEWORKS}, got {framework[:40]!r}")
     entry = _dtypes.lookup(dtype)
+    if framework == "numpy" and entry.numpy is None:
+        raise MetadataError(f"dtype {dtype!r} has no numpy form: it needs framework 'torch'")
     if len(shape) > MAX_NDIM or len(perm) > MAX_NDIM:
         raise MetadataError(
             f"the shape has {len(shape)} and the perm {len(perm)} entries; at most {MAX_NDIM} "
@@ -234,8 +239,8 @@ def _from_fields(framework: str, dtype: str, shape: list[int], perm: list[int]) 
     if math.prod(max(d, 1) for d in shape) * entry.itemsize > MAX_ELEMENTS:
         raise MetadataError(f"the shape {list(shape)} spans more than 2**62 bytes")
     if sorted(perm) != list(range(len(shape))):
+        expected = f"a permutation of 0..{len(shape) - 1}" if shape else "empty"
         raise MetadataError(
-            f"the perm must be a permutation of 0..{len(shape) - 1} "
-            f"for shape {list(shape)}, got {list(perm)}"
+            f"the perm must be {expected} for shape {list(shape)}, got {list(perm)}"
         )
     return TensorHeader(entry, tuple(shape), tuple(perm), framework)

@@ -65,7 +65,13 @@ def _to_numpy_bits_checked(t: Any) -> tuple[np.ndarray, _dtypes.DType]:
         t = t.resolve_neg()
     if entry.numpy is None:
         t = t.view(_SAME_WIDTH_INT[entry.itemsize])
-    return t.numpy().view(entry.bits_view), entry
+    try:
+        return t.numpy().view(entry.bits_view), entry
+    except RuntimeError as exc:  # no memory to send: ZeroTensor, functorch wrappers, ...
+        raise UnsupportedTensorError(
+            f"this tensor has no CPU memory of its own to send ({str(exc)[:160]}); "
+            "send a materialized copy, e.g. t.clone() or torch.zeros_like(t)"
+        ) from None
 
 
 def _refuse_unsupported(t: Any) -> None:

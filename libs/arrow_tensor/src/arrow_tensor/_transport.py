@@ -243,8 +243,9 @@ def send(
             meta = {**entry.metadata, **metadata} if metadata else entry.metadata.copy()
             bits = value
             if kind is not np.ndarray:
-                # Per tensor, not per layout: the device, and a negative view's pending math.
-                if not value.is_cpu or value.is_neg():
+                # Per tensor, not per layout: the device, a negative view's pending math, and
+                # memory at all (a ZeroTensor view's data_ptr is an offset from 0).
+                if not value.is_cpu or value.is_neg() or value._is_zerotensor():
                     bits = None  # the full path
                 elif not entry.raw:  # dense: its bytes start at its first element
                     bits = pa.foreign_buffer(value.data_ptr(), entry.nbytes, value)
@@ -364,7 +365,9 @@ def _learn_send(node: Any, output_id: str, value: Any, key: tuple[Any, ...]) -> 
     negative bits, whose resolved copy has a layout of its own) teaches nothing; complex
     torch tensors, whose conjugate bit would need a check per message, keep the full path.
     """
-    if type(value) is not np.ndarray and (not value.is_cpu or value.is_neg() or value.is_conj()):
+    if type(value) is not np.ndarray and (
+        not value.is_cpu or value.is_neg() or value.is_conj() or value._is_zerotensor()
+    ):
         return None  # not remembered: the next plain tensor of this layout learns it
     entry = None
     try:

@@ -269,11 +269,13 @@ def decode_tree(
         ndim, off = ndims[i], offsets[i]
         if not 0 <= ndim <= _schema.MAX_NDIM:
             raise MetadataError(f"leaf {i}: ndim {ndim} outside 0..{_schema.MAX_NDIM}")
-        try:
-            shape, perm = shapes[start : start + ndim], perms[start : start + ndim]
-            header = _schema.header_of(_schema.pack(frameworks[i], dtypes[i], shape, perm))
-        except MetadataError as exc:
-            raise MetadataError(f"leaf {i}: {exc}") from None
+        shape, perm = shapes[start : start + ndim], perms[start : start + ndim]
+        if any(not -(1 << 63) <= v < 1 << 63 for v in shape + perm):  # what dora carries
+            raise MetadataError(f"leaf {i}: shape or perm entries outside int64")
+        header = _schema.header_of(
+            _schema.pack(frameworks[i], dtypes[i], shape, perm),
+            where=f"leaf {i} (its at.leaf.* entries read as)",
+        )
         start += ndim
         if off % ALIGNMENT or off < end or off + header.nbytes > nbytes:
             raise MetadataError(
