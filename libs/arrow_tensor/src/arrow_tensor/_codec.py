@@ -342,14 +342,16 @@ def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) ->
 # way (``decode_tensor``: every check) and leaves a ``_FastDecode`` behind; the next ones with
 # exactly that header (one dict lookup of the ``at.tensor`` text, an exact ``str``, after
 # the version and kind) are checked against it (payload class, nulls and length, in one
-# ``to_numpy`` call) and viewed with one ``np.ndarray`` call, plus one DLPack import for
-# torch. Headers the
-# fast path does not take (bool, which needs a scan; empty tensors; dtypes without numpy
-# form) are remembered as such. The sending side has the same shortcut in
-# ``_transport.send``: per output and (dtype, shape, strides), the transport decision and
-# the header's metadata. Through dora, numpy in and out, the
-# per-message cost over raw dora's own ``pa.array`` / ``to_numpy`` went from 378 µs to
-# 19-30 µs at 4 KiB (benchmarks/README.md).
+# ``to_numpy`` call) and reshaped, as raw dora does, when the payload is of the dtype's own
+# Arrow type (what encoders send), else viewed with one ``np.ndarray`` call; plus one DLPack
+# import for torch. Headers the fast path does not take (bool, which needs a scan; empty
+# tensors; dtypes without numpy form) are remembered as such. The sending side has the same
+# shortcut in ``_transport.send``: per output and (type, dtype, shape, strides), the
+# transport decision and the header's metadata; torch tensors are read by their data
+# pointer. The wire is shaped for this (SPEC.md): one header string, payloads in their
+# dtype's own Arrow type. Through dora, numpy in and out, the per-message cost over raw
+# dora's own ``pa.array`` / ``to_numpy`` went from 378 µs to 11-17 µs at 4 KiB
+# (benchmarks/README.md).
 
 
 @dataclass(frozen=True, slots=True)
