@@ -336,8 +336,9 @@ def test_transfers_in_flight_are_bounded(small_cap: int) -> None:
     np.testing.assert_array_equal(_deliver_messages(receiver, streams[2][1:]), x + 2)
 
 
-def test_absurd_total_is_refused_before_allocating() -> None:
-    meta = {
+def _first_chunk(total: int, text: str) -> dict[str, Any]:
+    """The metadata of chunk 0 of 2 announcing ``total`` bytes of the header ``text``."""
+    return {
         **at.encode(np.zeros(4, dtype=np.uint8))[1],
         _schema.KEY_KIND: "chunk",
         _schema.KEY_CHUNK_KIND: "tensor",
@@ -346,9 +347,13 @@ def test_absurd_total_is_refused_before_allocating() -> None:
         _schema.KEY_CHUNK_INDEX: 0,
         _schema.KEY_CHUNK_COUNT: 2,
         _schema.KEY_CHUNK_OFFSET: 0,
-        _schema.KEY_CHUNK_TOTAL: 1 << 60,
-        _schema.KEY_TENSOR: _schema.pack("numpy", "uint8", [1 << 60], [0]),
+        _schema.KEY_CHUNK_TOTAL: total,
+        _schema.KEY_TENSOR: text,
     }
+
+
+def test_absurd_total_is_refused_before_allocating() -> None:
+    meta = _first_chunk(1 << 60, _schema.pack("numpy", "uint8", [1 << 60], [0]))
     with pytest.raises(PayloadError, match="refused"):
         Receiver().receive(pa.array(np.zeros(8, np.uint8)), meta)
     meta[_schema.KEY_CHUNK_TOTAL] = 8
@@ -366,18 +371,7 @@ def test_a_header_no_receiver_can_view_is_refused_at_the_first_chunk(
     allocations: list[Any] = []
     real_empty = np.empty
     monkeypatch.setattr(np, "empty", lambda *a, **k: allocations.append(a) or real_empty(*a, **k))
-    meta = {
-        **at.encode(np.zeros(4, dtype=np.uint8))[1],
-        _schema.KEY_KIND: "chunk",
-        _schema.KEY_CHUNK_KIND: "tensor",
-        _schema.KEY_CHUNK_STREAM: "s",
-        _schema.KEY_CHUNK_SEQ: 0,
-        _schema.KEY_CHUNK_INDEX: 0,
-        _schema.KEY_CHUNK_COUNT: 2,
-        _schema.KEY_CHUNK_OFFSET: 0,
-        _schema.KEY_CHUNK_TOTAL: 1 << 24,
-        _schema.KEY_TENSOR: _schema.pack("numpy", "bfloat16", [1 << 23], [0]),
-    }
+    meta = _first_chunk(1 << 24, _schema.pack("numpy", "bfloat16", [1 << 23], [0]))
     with pytest.raises(MetadataError, match="'bfloat16' has no numpy form"):
         Receiver().receive(pa.array(np.zeros(8, np.uint8)), meta)
     assert not any(a and a[0] == 1 << 24 for a in allocations)
