@@ -176,6 +176,18 @@ def test_event_is_waited_before_the_tensor_is_built(sb: Any) -> None:
 # --- lifetimes ------------------------------------------------------------------------------
 
 
+def test_the_device_encoder_refuses_what_no_decoder_accepts(sb: Any) -> None:
+    """The same bound as the host encoder: an empty tensor of huge dimensions."""
+    as_node("producer")
+    x = host(sb, np.empty((0, 2**62 + 1), np.int8))
+    with pytest.raises(at.UnsupportedTensorError, match=r"spans more than 2\*\*62 bytes"):
+        _cuda_ipc.encode_cuda(x, receivers=("left",))
+    fine = host(sb, np.empty((0, 2**58), np.int8))
+    array, meta = _cuda_ipc.encode_cuda(fine, receivers=("left",))
+    as_node("left")
+    assert at.decode(array, meta).shape == (0, 2**58)
+
+
 def test_memory_stays_referenced_until_every_receiver_released(sb: Any) -> None:
     as_node("producer")
     x = host(sb, np.arange(16, dtype=np.uint8))

@@ -676,6 +676,32 @@ def test_torch_send_fast_path_never_reads_a_zero_tensors_pointer() -> None:
     assert torch.equal(at.decode(node.sent[-1][1], node.sent[-1][2]), torch.full((3, 3), 2.0))
 
 
+def test_torch_send_fast_path_refuses_storage_less_wrappers_with_a_typed_error() -> None:
+    """functorch wrappers have no storage (data_ptr raises): refused like on the full path,
+    before and after the layout is learned, and they teach the fast path nothing."""
+    node = _Recorder()
+    refused: list[Exception] = []
+
+    def send_inside_grad(x: Any) -> Any:
+        try:
+            send(node, "out", x * 1)
+        except UnsupportedTensorError as exc:
+            refused.append(exc)
+        return (x * x).sum()
+
+    torch.func.grad(send_inside_grad)(torch.ones(3, 3))  # first: nothing learned
+    send(node, "out", torch.ones(3, 3))
+    assert (_transport._FAST_SEND.get(_fast_key(node, torch.ones(3, 3)), "unseen")) is not None
+    torch.func.grad(send_inside_grad)(torch.ones(3, 3))  # after learning
+    assert len(refused) == 2
+    assert all("no CPU memory of its own" in str(exc) for exc in refused)
+    assert len(node.sent) == 1
+
+
+def _fast_key(node: Any, x: Any) -> tuple[Any, ...]:
+    return (id(node), "out", type(x), x.dtype, x.shape, x.stride())
+
+
 def test_fast_decode_never_keeps_an_overlong_header(learned: tuple[pa.Array, Any]) -> None:
     array, meta = learned
     before = dict(_codec._FAST_DECODE)

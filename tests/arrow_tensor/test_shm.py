@@ -413,6 +413,9 @@ def test_loan_rejects_bad_requests() -> None:
         pool.loan(node, "out", (-1, 3), np.float32)
     with pytest.raises(at.ArrowTensorError, match="no numpy form"):
         pool.loan(node, "out", (3,), "bfloat16", framework="numpy")
+    for device_framework in ("cupy", "pyarrow.cuda"):  # host slots decode to numpy or torch
+        with pytest.raises(at.ArrowTensorError, match="framework must be 'numpy' or 'torch'"):
+            pool.loan(node, "out", (3,), np.float32, framework=device_framework)
     with pytest.raises(at.UnsupportedTensorError):
         pool.send(node, "out", [1, 2, 3])
     with pytest.raises(at.MetadataError, match="reserved"):

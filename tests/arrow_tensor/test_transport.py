@@ -377,6 +377,16 @@ def test_a_header_no_receiver_can_view_is_refused_at_the_first_chunk(
     assert not any(a and a[0] == 1 << 24 for a in allocations)
 
 
+@pytest.mark.parametrize("framework", ["cupy", "pyarrow.cuda"])
+def test_a_device_framework_is_refused_at_the_first_chunk(framework: str) -> None:
+    """Host bytes decode to numpy or torch: refused before chunk 0 allocates the value."""
+    meta = _first_chunk(1 << 24, _schema.pack(framework, "uint8", [1 << 24], [0]))
+    receiver = Receiver()
+    with pytest.raises(MetadataError, match=f"header names {framework!r}"):
+        receiver.receive(pa.array(np.zeros(8, np.uint8)), meta)
+    assert receiver.pending == 0
+
+
 def test_chunk_claiming_more_bytes_than_its_total_is_an_error(small_cap: int) -> None:
     messages = _chunk_messages(np.arange(20_000, dtype=np.float64))
     receiver = Receiver()

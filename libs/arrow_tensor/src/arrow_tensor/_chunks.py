@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import _checksum, _schema
+from . import _checksum, _codec, _schema
 from ._codec import TensorPlan
 from ._errors import IncompleteTransferError, MetadataError, PayloadError
 
@@ -351,6 +351,7 @@ class Reassembler:
     ) -> tuple[_Transfer, str | None]:
         if meta[_schema.KEY_CHUNK_KIND] == _schema.KIND_TENSOR:
             header = _schema.parse_header(meta)
+            _codec.check_host(header)  # before the whole value is allocated
             if header.nbytes != total:
                 raise PayloadError(
                     f"chunked tensor {header.describe()} has {header.nbytes} bytes "

@@ -15,7 +15,6 @@ private copies; see the read-only contract in the README.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -145,14 +144,9 @@ def plan(x: Any) -> TensorPlan:
             raise UnsupportedTensorError(_unsupported_message(x))
         bits, entry = adapter.to_numpy_bits(x)
         framework = "torch"
-    if bits.ndim > _schema.MAX_NDIM:
-        raise UnsupportedTensorError(f"{bits.ndim} dimensions; at most {_schema.MAX_NDIM}")
-    if math.prod(max(d, 1) for d in bits.shape) * bits.itemsize > _schema.MAX_ELEMENTS:
-        # Only empty tensors get here (others could not be allocated); decoders refuse them.
-        raise UnsupportedTensorError(
-            f"shape {list(bits.shape)} spans more than 2**62 bytes with its zero dimensions "
-            "counted as 1 (SPEC.md): no decoder accepts it; send a smaller empty tensor"
-        )
+    problem = _schema.unencodable(bits.shape, bits.itemsize)
+    if problem is not None:
+        raise UnsupportedTensorError(problem)
     perm, dense = _layout.analyse(bits.shape, bits.strides, bits.itemsize)
     order = bits.dtype.byteorder
     little = order in "<|" or (order == "=" and sys.byteorder == "little")
@@ -286,14 +280,15 @@ def decode_tensor(
     """
     if header is None:
         header = _schema.parse_header(meta)
-    _check_host(header)
+    check_host(header)
     buf = payload_buffer(array, header.nbytes)
     if verify:
         _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)
     return view_tensor(header, buf, writable)
 
 
-def _check_host(header: _schema.TensorHeader) -> None:
+def check_host(header: _schema.TensorHeader) -> None:
+    """Refuse a header whose framework is a CUDA descriptor's: host bytes decode to numpy/torch."""
     if header.framework not in _HOST_FRAMEWORKS:
         raise MetadataError(
             f"host memory decodes to one of {_HOST_FRAMEWORKS}, but the header names "
@@ -303,7 +298,7 @@ def _check_host(header: _schema.TensorHeader) -> None:
 
 def view_tensor(header: _schema.TensorHeader, buf: pa.Buffer, writable: bool) -> Any:
     """The tensor ``header`` describes, over exactly ``header.nbytes`` bytes of ``buf``."""
-    _check_host(header)  # tensor, tree and shm messages alike
+    check_host(header)  # tensor, tree and shm messages alike
     if header.dtype.name == "bool" and header.nbytes:
         # A byte other than 0/1 is a bool neither numpy nor torch handles consistently
         # (torch compares such a "True" unequal to True): refuse it, one pass over the bytes.

@@ -450,6 +450,9 @@ def encode_cuda(
     if wait_s is None:
         wait_s = _config.setting("ARROW_TENSOR_CUDA_WAIT", _config.duration, 1.0)
     source, info, perm = _dense_source(backend, x)
+    problem = _schema.unencodable(info.shape, info.entry.itemsize)
+    if problem is not None:
+        raise UnsupportedTensorError(problem)
     header = _schema.TensorHeader(info.entry, info.shape, tuple(perm), info.framework)
     if header.nbytes == 0:
         desc = CudaDescriptor(

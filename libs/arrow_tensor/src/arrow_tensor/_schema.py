@@ -142,6 +142,24 @@ class TensorHeader:
         return f"arrow_tensor/{VERSION};{self.dtype.name};[{shape}];[{perm}]"
 
 
+def span_bytes(shape: Any, itemsize: int) -> int:
+    """Bytes a shape spans with its zero dimensions counted as 1 (at most ``MAX_ELEMENTS``:
+    numpy and torch size every dimension even of an empty tensor)."""
+    return math.prod(max(d, 1) for d in shape) * itemsize
+
+
+def unencodable(shape: Any, itemsize: int) -> str | None:
+    """Why a tensor of this shape has no header decoders accept (encoders refuse it), or None."""
+    if len(shape) > MAX_NDIM:
+        return f"{len(shape)} dimensions; at most {MAX_NDIM}"
+    if span_bytes(shape, itemsize) > MAX_ELEMENTS:
+        return (
+            f"shape {list(shape)} spans more than 2**62 bytes with its zero dimensions counted "
+            "as 1 (SPEC.md): no decoder accepts it; send a smaller empty tensor"
+        )
+    return None
+
+
 def pack(framework: str, dtype: str, shape: Any, perm: Any) -> str:
     """The ``at.tensor`` text of a header's fields, unvalidated (tests build hostile ones)."""
     return f"{framework};{dtype};{','.join(map(str, shape))};{','.join(map(str, perm))}"
@@ -235,8 +253,7 @@ def _from_fields(framework: str, dtype: str, shape: list[int], perm: list[int]) 
         )
     if any(d < 0 for d in shape):
         raise MetadataError(f"the shape has a negative dimension: {list(shape)}")
-    # Zeros counted as 1: numpy and torch size every dimension even of an empty tensor.
-    if math.prod(max(d, 1) for d in shape) * entry.itemsize > MAX_ELEMENTS:
+    if span_bytes(shape, entry.itemsize) > MAX_ELEMENTS:
         raise MetadataError(f"the shape {list(shape)} spans more than 2**62 bytes")
     if sorted(perm) != list(range(len(shape))):
         expected = f"a permutation of 0..{len(shape) - 1}" if shape else "empty"

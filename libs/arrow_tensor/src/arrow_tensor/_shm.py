@@ -355,10 +355,8 @@ class _ProducerSegment:
 
 def _framework_of(dtype: Any, framework: str | None) -> str:
     if framework is not None:
-        if framework not in _schema.FRAMEWORKS:
-            raise ArrowTensorError(
-                f"framework must be one of {_schema.FRAMEWORKS}, got {framework!r}"
-            )
+        if framework not in ("numpy", "torch"):  # host memory: what receivers can view
+            raise ArrowTensorError(f"framework must be 'numpy' or 'torch', got {framework!r}")
         return framework
     return "torch" if type(dtype).__module__ == "torch" else "numpy"
 

@@ -248,7 +248,10 @@ def send(
                 if not value.is_cpu or value.is_neg() or value._is_zerotensor():
                     bits = None  # the full path
                 elif not entry.raw:  # dense: its bytes start at its first element
-                    bits = pa.foreign_buffer(value.data_ptr(), entry.nbytes, value)
+                    try:
+                        bits = pa.foreign_buffer(value.data_ptr(), entry.nbytes, value)
+                    except RuntimeError:  # no storage (functorch wrappers): the full path says so
+                        bits = None
                 else:
                     bits = _numpy_or_none(value)
             if bits is not None and not entry.raw:
@@ -393,8 +396,8 @@ def _learn_send(node: Any, output_id: str, value: Any, key: tuple[Any, ...]) -> 
                 perm=None if _layout.is_identity(perm) else perm,
                 metadata=p.header.to_metadata(),
             )
-    except ArrowTensorError:
-        entry = None  # the full path raises it
+    except ArrowTensorError:  # the full path raises it; the next tensor may be fine
+        return None
     if len(_FAST_SEND) >= _FAST_SEND_MAX:
         _FAST_SEND.clear()
     _FAST_SEND[key] = entry
