@@ -280,7 +280,6 @@ def decode_tensor(
     """
     if header is None:
         header = _schema.parse_header(meta)
-    check_host(header)
     buf = payload_buffer(array, header.nbytes)
     if verify:
         _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)
