@@ -251,8 +251,6 @@ def _from_fields(framework: str, dtype: str, shape: list[int], perm: list[int]) 
             f"the shape has {len(shape)} and the perm {len(perm)} entries; at most {MAX_NDIM} "
             "dimensions are allowed"
         )
-    if any(d < 0 for d in shape):
-        raise MetadataError(f"the shape has a negative dimension: {list(shape)}")
     if span_bytes(shape, entry.itemsize) > MAX_ELEMENTS:
         raise MetadataError(f"the shape {list(shape)} spans more than 2**62 bytes")
     if sorted(perm) != list(range(len(shape))):
