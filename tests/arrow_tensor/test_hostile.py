@@ -50,6 +50,16 @@ def _refused(text: str, detail: str) -> str:
     return f"'at.tensor' {text[:160]!r}: {detail}"
 
 
+def _bad_shape(text: str) -> tuple[str, str]:
+    """A case: ``text``, whose shape field is not canonical decimals, and its whole refusal."""
+    return text, _not_dims(text, "the shape", text.split(";")[2])
+
+
+def _bad_perm(text: str) -> tuple[str, str]:
+    """A case: ``text``, whose perm field is not canonical decimals, and its whole refusal."""
+    return text, _not_dims(text, "the perm", text.split(";")[3])
+
+
 def _not_dims(text: str, name: str, field: str) -> str:
     """The whole message refusing a shape or perm field that is not canonical decimals."""
     return _refused(
@@ -190,64 +200,49 @@ def _values() -> np.ndarray:
         ("numpy,float32,3,4,0,1", _field_count("numpy,float32,3,4,0,1")),
         ("numpy;float32;3,4;0,1\n;", _field_count("numpy;float32;3,4;0,1\n;")),
         # signs, spaces, other separators: what int() would accept must still be refused
-        ("numpy;float32;+3,4;0,1", _not_dims("numpy;float32;+3,4;0,1", "the shape", "+3,4")),
-        ("numpy;float32;3,+4;0,1", _not_dims("numpy;float32;3,+4;0,1", "the shape", "3,+4")),
-        ("numpy;float32;-3,4;0,1", _not_dims("numpy;float32;-3,4;0,1", "the shape", "-3,4")),
-        ("numpy;float32;3,4;+0,1", _not_dims("numpy;float32;3,4;+0,1", "the perm", "+0,1")),
-        ("numpy;float32;3,4;0,-1", _not_dims("numpy;float32;3,4;0,-1", "the perm", "0,-1")),
-        ("numpy;float32;3, 4;0,1", _not_dims("numpy;float32;3, 4;0,1", "the shape", "3, 4")),
-        ("numpy;float32; 3,4;0,1", _not_dims("numpy;float32; 3,4;0,1", "the shape", " 3,4")),
-        ("numpy;float32;3,4 ;0,1", _not_dims("numpy;float32;3,4 ;0,1", "the shape", "3,4 ")),
-        ("numpy;float32;3 ,4;0,1", _not_dims("numpy;float32;3 ,4;0,1", "the shape", "3 ,4")),
-        ("numpy;float32;3,4;0, 1", _not_dims("numpy;float32;3,4;0, 1", "the perm", "0, 1")),
-        ("numpy;float32;3,4;0,1 ", _not_dims("numpy;float32;3,4;0,1 ", "the perm", "0,1 ")),
-        ("numpy;float32;3\t,4;0,1", _not_dims("numpy;float32;3\t,4;0,1", "the shape", "3\t,4")),
-        ("numpy;float32;3,4\n;0,1", _not_dims("numpy;float32;3,4\n;0,1", "the shape", "3,4\n")),
-        ("numpy;float32;3,4;0,1\n", _not_dims("numpy;float32;3,4;0,1\n", "the perm", "0,1\n")),
-        (
-            "numpy;float32;3,4\x00;0,1",
-            _not_dims("numpy;float32;3,4\x00;0,1", "the shape", "3,4\x00"),
-        ),
-        ("numpy;float32;3.4;0,1", _not_dims("numpy;float32;3.4;0,1", "the shape", "3.4")),
-        ("numpy;float32;3 4;0,1", _not_dims("numpy;float32;3 4;0,1", "the shape", "3 4")),
-        ("numpy;float32;1_2;0", _not_dims("numpy;float32;1_2;0", "the shape", "1_2")),
-        ("numpy;float32;0xc;0", _not_dims("numpy;float32;0xc;0", "the shape", "0xc")),
-        ("numpy;float32;1.2e1;0", _not_dims("numpy;float32;1.2e1;0", "the shape", "1.2e1")),
-        ("numpy;float32;12.0;0", _not_dims("numpy;float32;12.0;0", "the shape", "12.0")),
-        ("numpy;float32;[3,4];[0,1]", _not_dims("numpy;float32;[3,4];[0,1]", "the shape", "[3,4]")),
+        _bad_shape("numpy;float32;+3,4;0,1"),
+        _bad_shape("numpy;float32;3,+4;0,1"),
+        _bad_shape("numpy;float32;-3,4;0,1"),
+        _bad_perm("numpy;float32;3,4;+0,1"),
+        _bad_perm("numpy;float32;3,4;0,-1"),
+        _bad_shape("numpy;float32;3, 4;0,1"),
+        _bad_shape("numpy;float32; 3,4;0,1"),
+        _bad_shape("numpy;float32;3,4 ;0,1"),
+        _bad_shape("numpy;float32;3 ,4;0,1"),
+        _bad_perm("numpy;float32;3,4;0, 1"),
+        _bad_perm("numpy;float32;3,4;0,1 "),
+        _bad_shape("numpy;float32;3\t,4;0,1"),
+        _bad_shape("numpy;float32;3,4\n;0,1"),
+        _bad_perm("numpy;float32;3,4;0,1\n"),
+        _bad_shape("numpy;float32;3,4\x00;0,1"),
+        _bad_shape("numpy;float32;3.4;0,1"),
+        _bad_shape("numpy;float32;3 4;0,1"),
+        _bad_shape("numpy;float32;1_2;0"),
+        _bad_shape("numpy;float32;0xc;0"),
+        _bad_shape("numpy;float32;1.2e1;0"),
+        _bad_shape("numpy;float32;12.0;0"),
+        _bad_shape("numpy;float32;[3,4];[0,1]"),
         # leading zeros: every header has exactly one spelling
-        ("numpy;float32;03,4;0,1", _not_dims("numpy;float32;03,4;0,1", "the shape", "03,4")),
-        ("numpy;float32;3,04;0,1", _not_dims("numpy;float32;3,04;0,1", "the shape", "3,04")),
-        ("numpy;float32;00,4;0,1", _not_dims("numpy;float32;00,4;0,1", "the shape", "00,4")),
-        ("numpy;float32;3,4;00,1", _not_dims("numpy;float32;3,4;00,1", "the perm", "00,1")),
-        ("numpy;float32;3,4;0,01", _not_dims("numpy;float32;3,4;0,01", "the perm", "0,01")),
+        _bad_shape("numpy;float32;03,4;0,1"),
+        _bad_shape("numpy;float32;3,04;0,1"),
+        _bad_shape("numpy;float32;00,4;0,1"),
+        _bad_perm("numpy;float32;3,4;00,1"),
+        _bad_perm("numpy;float32;3,4;0,01"),
         (
             "numpy;float32;0000000000000000003,4;0,1",
             _not_dims("numpy;float32;0000000000000000003,4;0,1", "the shape", "0" * 18 + "3,4"),
         ),
         # empty entries
-        ("numpy;float32;3,,4;0,1", _not_dims("numpy;float32;3,,4;0,1", "the shape", "3,,4")),
-        ("numpy;float32;3,4,;0,1", _not_dims("numpy;float32;3,4,;0,1", "the shape", "3,4,")),
-        ("numpy;float32;,3,4;0,1", _not_dims("numpy;float32;,3,4;0,1", "the shape", ",3,4")),
-        ("numpy;float32;,;0,1", _not_dims("numpy;float32;,;0,1", "the shape", ",")),
-        ("numpy;float32;3,4;0,,1", _not_dims("numpy;float32;3,4;0,,1", "the perm", "0,,1")),
+        _bad_shape("numpy;float32;3,,4;0,1"),
+        _bad_shape("numpy;float32;3,4,;0,1"),
+        _bad_shape("numpy;float32;,3,4;0,1"),
+        _bad_shape("numpy;float32;,;0,1"),
+        _bad_perm("numpy;float32;3,4;0,,1"),
         # digits int() reads but ASCII is not: Arabic-Indic, fullwidth, superscript
-        (
-            "numpy;float32;\u0663,4;0,1",
-            _not_dims("numpy;float32;\u0663,4;0,1", "the shape", "\u0663,4"),
-        ),
-        (
-            "numpy;float32;\uff13,4;0,1",
-            _not_dims("numpy;float32;\uff13,4;0,1", "the shape", "\uff13,4"),
-        ),
-        (
-            "numpy;float32;\u00b3,4;0,1",
-            _not_dims("numpy;float32;\u00b3,4;0,1", "the shape", "\u00b3,4"),
-        ),
-        (
-            "numpy;float32;3,4;\u0660,1",
-            _not_dims("numpy;float32;3,4;\u0660,1", "the perm", "\u0660,1"),
-        ),
+        _bad_shape("numpy;float32;\u0663,4;0,1"),
+        _bad_shape("numpy;float32;\uff13,4;0,1"),
+        _bad_shape("numpy;float32;\u00b3,4;0,1"),
+        _bad_perm("numpy;float32;3,4;\u0660,1"),
         # at most 19 digits per entry (20 digits exceed int64 anyway)
         (
             "numpy;float32;10000000000000000000;0",
