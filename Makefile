@@ -54,9 +54,12 @@ check: install
 	TRANSPORT= REPORT=$(CURDIR)/out/large_tensors_auto.json \
 	  dora run tests/integration/dataflows/large_tensors/dataflow.yml
 
+# ruff for style; import-linter for the rooms' one-way imports and cycles (pyproject.toml,
+# [tool.importlinter]; ARCHITECTURE.md explains the layers).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

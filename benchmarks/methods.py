@@ -95,16 +95,16 @@ def _pickle_receiver() -> Callable[[pa.Array, dict[str, Any]], Any]:
 
 
 def _at_send(transport: str | None) -> Callable[[Any, str, Any, dict[str, Any]], str]:
-    from arrow_tensor import _transport
+    import arrow_tensor as at
 
     def send(node: Any, output: str, t: Any, meta: dict[str, Any]) -> str:
-        return _transport.send(node, output, t, meta, transport=transport)
+        return at.send(node, output, t, meta, transport=transport)
 
     return send
 
 
 def _at_receiver() -> Callable[[pa.Array, dict[str, Any]], Any]:
-    from arrow_tensor._transport import Receiver
+    from arrow_tensor import Receiver
 
     return Receiver().receive
 

@@ -5,7 +5,7 @@ this measures, in one process and without dora, what arrow_tensor adds per messa
 
 - the public verbs ``at.encode`` / ``at.decode`` and their parts (``_codec.plan``,
   ``encode_plan``, ``TensorHeader.to_metadata``, ``_schema.parse_header``,
-  ``payload_buffer``, ``view_tensor``, ``decode_tensor``);
+  ``read_payload``, ``view_tensor``, ``decode_tensor``);
 - the transport layer around them, ``_transport.send`` to a node whose ``send_output`` does
   nothing and ``Receiver.receive`` (header cache warm);
 - the raw baseline a user would write by hand: ``pa.array(np_array)`` to send,
@@ -31,7 +31,9 @@ from typing import Any
 import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
-from arrow_tensor import _codec, _schema, _transport
+from arrow_tensor.codec import _schema
+from arrow_tensor.codec import _tensor as _codec
+from arrow_tensor.transport import _send as _transport
 
 SIZES = {"64 B": 64, "4 KiB": 4096}
 LAYOUTS = ("contiguous", "transposed")
@@ -96,9 +98,9 @@ def case_functions(framework: str, x: Any) -> dict[str, Callable[[], Any]]:
     p = _codec.plan(x)
     array, meta = _codec.encode_plan(p)
     header = _schema.parse_header(meta)
-    buf = _codec.payload_buffer(array, header.nbytes)
+    buf = _codec.read_payload(array, header.nbytes)
     node = NullNode()
-    receiver = _transport.Receiver()
+    receiver = at.Receiver()
     return {
         "raw send: pa.array(np)": lambda: pa.array(dense.reshape(-1)),
         "raw recv: frombuffer/dlpack": raw_decode,
@@ -108,7 +110,7 @@ def case_functions(framework: str, x: Any) -> dict[str, Callable[[], Any]]:
         "_codec.encode_plan": lambda: _codec.encode_plan(p),
         "TensorHeader.to_metadata": header.to_metadata,
         "_schema.parse_header": lambda: _schema.parse_header(meta),
-        "_codec.payload_buffer": lambda: _codec.payload_buffer(array, header.nbytes),
+        "_codec.read_payload": lambda: _codec.read_payload(array, header.nbytes),
         "_codec.view_tensor": lambda: _codec.view_tensor(header, buf, False),
         "_codec.decode_tensor": lambda: _codec.decode_tensor(array, meta),
         "_transport.send (null node)": lambda: _transport.send(node, "out", x),

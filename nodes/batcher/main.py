@@ -13,9 +13,8 @@ import sys
 import time
 from typing import Any
 
-from arrow_tensor import _batch
-from arrow_tensor._config import choice, duration, integer, setting
-from arrow_tensor._errors import ArrowTensorError
+from arrow_tensor import ArrowTensorError, batching
+from arrow_tensor.config import choice, duration, integer, setting
 from arrow_tensor.node import Node
 
 try:  # warm torch now: imported lazily on the first message, it would delay it by seconds
@@ -28,7 +27,7 @@ def main(node: Any = None) -> Node:
     """Run the batcher until its input closes; returns the node (for its counters)."""
     size = setting("BATCH_SIZE", integer(minimum=1, maximum=65536), 4)
     max_wait = setting("MAX_WAIT", duration, 0.02)
-    policy = setting("SHAPES", choice(*_batch.POLICIES), "split")
+    policy = setting("SHAPES", choice(*batching.POLICIES), "split")
     node = Node(node)
     pending: list[Any] = []
     deadline = 0.0
@@ -41,8 +40,8 @@ def main(node: Any = None) -> Node:
             return
         values, metas, seqs = zip(*pending, strict=True)
         try:
-            batched, shapes = _batch.stack(values, pad=policy == "pad")
-            node.send("batch", batched, **_batch.batch_metadata(metas, seqs, batches, shapes))
+            batched, shapes = batching.stack(values, pad=policy == "pad")
+            node.send("batch", batched, **batching.batch_metadata(metas, seqs, batches, shapes))
             batches += 1
         except ArrowTensorError as exc:
             print(f"batcher: dropped items {seqs[0]}..{seqs[-1]}: {exc}", file=sys.stderr)
@@ -52,7 +51,7 @@ def main(node: Any = None) -> Node:
         timeout = max(0.0, deadline - time.monotonic()) if pending else None
         item = node.recv(timeout)
         if item is not None and item.value is not None:
-            sig = _batch.signature(item.value, with_shapes=policy != "pad")
+            sig = batching.signature(item.value, with_shapes=policy != "pad")
             first_sig = sig if first_sig is None else first_sig
             if policy == "error" and sig != first_sig:
                 rejected += 1

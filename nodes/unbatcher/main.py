@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from arrow_tensor import _batch
-from arrow_tensor._errors import ArrowTensorError
+from arrow_tensor import ArrowTensorError, batching
 from arrow_tensor.node import Node
 
 try:  # warm torch now: imported lazily on the first message, it would delay it by seconds
@@ -27,13 +26,13 @@ def main(node: Any = None) -> Node:
     expected_index = sent = 0
     for _, value, metadata in node:
         try:
-            items = _batch.item_metadata(metadata)
-            parts = _batch.split(value, len(items))
+            items = batching.item_metadata(metadata)
+            parts = batching.split(value, len(items))
         except ArrowTensorError as exc:
             node.errors["in"] += 1
             print(f"unbatcher: skipped a batch: {exc}", file=sys.stderr)
             continue
-        index = metadata.get(_batch.KEY_INDEX)
+        index = metadata.get(batching.KEY_INDEX)
         if isinstance(index, int):
             if index != expected_index:
                 print(f"unbatcher: batches {expected_index}..{index - 1} missing", file=sys.stderr)

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from arrow_tensor import _dtypes
+from arrow_tensor.codec import _dtypes
 
 # Every wire dtype the installed torch has, and every one numpy has, plus numpy's big-endian
 # variants of the multi-byte ones (decoded to native order with the same values).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from arrow_tensor import ConfigError
-from arrow_tensor import _config as cfg
+from arrow_tensor import config as cfg
 from hypothesis import given
 from hypothesis import strategies as st
 

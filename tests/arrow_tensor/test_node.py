@@ -220,10 +220,10 @@ def test_run_calls_the_function_and_forwards_metadata() -> None:
 def test_multi_message_values_are_reassembled_and_incomplete_ones_reported(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from arrow_tensor import _chunks
+    from arrow_tensor.transport import _decide, _facts
 
     # A tiny message cap makes the transport split a 40 kB tensor into several chunks.
-    monkeypatch.setattr(_chunks, "DORA_MESSAGE_CAP", _chunks._IPC_SLACK + 64 + 8192)
+    monkeypatch.setattr(_facts, "DORA_MESSAGE_CAP", _decide.IPC_SLACK + 64 + 8192)
     value = np.arange(5000, dtype=np.int64)
     first, second = RecordingMock([]), RecordingMock([])
     Node(first).send("out", value, frame_id=1)

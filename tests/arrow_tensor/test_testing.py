@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from arrow_tensor import ConfigError, MetadataError, _schema, _transport
+from arrow_tensor import ConfigError, MetadataError
 from arrow_tensor import testing as tt
+from arrow_tensor.codec import _dtypes, _schema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +32,7 @@ class Recorder:
 def message(case: tt.Case, seq: int, seed: int = 3, total: int = -1, checksum: bool = True):
     node = Recorder()
     meta = {tt.KEY_CASE: case.id, tt.KEY_SEQ: seq, tt.KEY_SEED: seed, tt.KEY_TOTAL: total}
-    _transport.send(node, "tensors", tt.make_tensor(case, seed, seq), meta, checksum=checksum)
+    at.send(node, "tensors", tt.make_tensor(case, seed, seq), meta, checksum=checksum)
     return node.sent[0]
 
 
@@ -47,10 +48,10 @@ def test_case_matrix_covers_every_dtype_and_layout():
     cases = tt.all_cases(SMALL)
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids))
-    assert {c.dtype for c in cases} == {d.name for d in at._dtypes.ALL}
+    assert {c.dtype for c in cases} == {d.name for d in _dtypes.ALL}
     assert {c.layout for c in cases} == set(tt.LAYOUTS)
     assert {c.layout for c in cases if c.framework == "torch"} == set(tt.LAYOUTS) - {"negative"}
-    numpy_dtypes = {d.name for d in at._dtypes.ALL if d.numpy}
+    numpy_dtypes = {d.name for d in _dtypes.ALL if d.numpy}
     assert {c.dtype for c in cases if c.framework == "numpy"} == numpy_dtypes
     # sized layouts once per size, scalar and empty once
     per_dtype = [c for c in cases if c.framework == "torch" and c.dtype == "float32"]
@@ -206,14 +207,14 @@ def test_describe_mismatch_compares_nan_payloads_bitwise():
 def test_any_single_flipped_byte_is_caught(position, framework):
     case = tt.Case(framework, "float16", "channels_last", 4096)
     array, meta = message(case, 0, checksum=False)
-    received = at.decode(tt._flip_byte(array, position), meta)
+    received = at.decode(tt.flip_byte(array, position), meta)
     assert tt.describe_mismatch(tt.make_tensor(case, 3, 0), received).startswith("bytes:")
 
 
 def test_corrupting_node_leaves_the_source_tensor_alone():
     x = np.arange(1024, dtype=np.uint32)  # dense: encode is zero-copy over x
     node = Recorder()
-    _transport.send(tt.CorruptingNode(node), "t", x, {tt.KEY_SEQ: 0})
+    at.send(tt.CorruptingNode(node), "t", x, {tt.KEY_SEQ: 0})
     array, meta = node.sent[0]
     assert np.array_equal(x, np.arange(1024, dtype=np.uint32))
     assert np.count_nonzero(at.decode(array, meta) != x) == 1
@@ -245,7 +246,7 @@ def test_validator_fails_on_a_flipped_byte(checksum):
     case = tt.Case("torch", "uint8", "offset", 4096)
     array, meta = message(case, 0, total=1, checksum=checksum)
     validator, lines = quiet_validator()
-    assert validator.handle(tt._flip_byte(array, 77), meta) == "corrupt"
+    assert validator.handle(tt.flip_byte(array, 77), meta) == "corrupt"
     report = validator.report()
     assert not report["passed"]
     assert report["corrupt"] == 1
@@ -398,16 +399,16 @@ def test_corrupting_node_also_flips_raw_samples():
 
 @pytest.mark.parametrize("checksum", [True, False])
 def test_validator_reassembles_chunked_values_and_numbers_them_once(monkeypatch, checksum):
-    from arrow_tensor import _chunks
+    from arrow_tensor.transport import _send
 
-    monkeypatch.setattr(_chunks, "max_chunk_payload", lambda width: 1000)
+    monkeypatch.setattr(_send, "max_chunk_payload", lambda cap, width: 1000)
     cases = tt.select_cases(["torch/float32/stepped/4KiB", "numpy/int64/negative/4KiB"], SMALL)
     node = Recorder()
     for seq, case in enumerate(cases):
         meta = {tt.KEY_CASE: case.id, tt.KEY_SEQ: seq, tt.KEY_SEED: 0, tt.KEY_TOTAL: 2}
         meta[tt.KEY_CHECKSUMMED] = checksum
         tensor = tt.make_tensor(case, 0, seq)
-        _transport.send(node, "t", tensor, meta, checksum=checksum, transport="chunked")
+        at.send(node, "t", tensor, meta, checksum=checksum, transport="chunked")
     assert all(meta["at.kind"] == "chunk" for _, meta in node.sent)
     assert len(node.sent) >= 10  # 4096 bytes in chunks of at most 1000, twice
     validator, _ = quiet_validator()

@@ -1,7 +1,7 @@
 """One dora node for the CUDA transport's dataflow tests: a producer or a receiver.
 
 Runs on a GPU (``BACKEND=torch``) and, on any machine, against the host stand-in
-(``BACKEND=standin``, see ``arrow_tensor._cuda_backend.HostStandIn``), so the same dataflows
+(``BACKEND=standin``, see ``arrow_tensor.memory.cuda._standin.HostStandIn``), so the same dataflows
 check the transport logic on CPU in the normal suite and the real IPC path in tests/gpu.
 
 Producer env: ``BACKEND``, ``MODE`` (``stack``: dora-rs/dora#978's ``torch.stack`` of two
@@ -22,9 +22,11 @@ import statistics
 import time
 from typing import Any
 
+import arrow_tensor as at
 import numpy as np
-from arrow_tensor import _cuda_ipc, _transport
-from arrow_tensor._errors import ArrowTensorError
+from arrow_tensor import ArrowTensorError
+from arrow_tensor.memory.cuda import _handles
+from arrow_tensor.memory.cuda import _ipc as _cuda_ipc
 
 BACKEND = os.environ.get("BACKEND", "torch")
 MODE = os.environ.get("MODE", "stack")
@@ -42,7 +44,7 @@ def on_device(seq: int, size: int) -> Any:
     """The tensor to send, built on the device the way users build them."""
     host = host_expected(seq, size)
     if BACKEND == "standin":
-        from arrow_tensor import _cuda_backend
+        from arrow_tensor.memory.cuda import _standin as _cuda_backend
 
         pool = _cuda_backend.standin().allocator
         if MODE == "stack":
@@ -100,7 +102,7 @@ def producer() -> None:
         for _ in range(count):
             x = on_device(seq, size)
             meta = {"seq": seq, "size": size, "t_ns": time.monotonic_ns()}
-            paths[_transport.send(node, "out", x, meta)] += 1
+            paths[at.send(node, "out", x, meta)] += 1
             del x
             seq += 1
             if kill_at and seq == kill_at:
@@ -121,7 +123,7 @@ def receiver() -> None:
     from dora import Node
 
     node = Node()
-    rx = _transport.Receiver()
+    rx = at.Receiver()
     hold: collections.deque[Any] = collections.deque(maxlen=int(os.environ.get("HOLD", "0")))
     received = corrupt = 0
     kinds: collections.Counter[str] = collections.Counter()
@@ -154,7 +156,7 @@ def receiver() -> None:
         "corrupt": corrupt,
         "kinds": dict(kinds),
         "errors": dict(errors),
-        "open_handles": len(_cuda_ipc._receiving_cache),
+        "open_handles": len(_handles.opened),
         "latency_ms": {str(k): statistics.median(v) for k, v in latency.items()},
     }
     with open(os.environ["REPORT"], "w") as f:

@@ -24,9 +24,10 @@ def expected(seq: int) -> np.ndarray:
 
 def forged_handles(node: Node, seq: int) -> list[dict]:
     """Handles a hostile node could send: each must be refused without reading anything."""
-    from arrow_tensor import _schema, _shm
+    from arrow_tensor.codec import _schema
+    from arrow_tensor.transport import _facts
 
-    name = _shm.output_pool(node, "out").segment_names()[-1]
+    name = _facts.state_of(node, "out").shm_pool().segment_names()[-1]
     base = {
         "at.version": _schema.VERSION,
         "at.kind": "shm",

@@ -186,7 +186,7 @@ def test_hostile_handles_are_refused_and_the_receiver_keeps_going(tmp_path: Path
     assert "VersionError" not in output
     assert "MetadataError" not in output
     for reason in (
-        "must name an arrow_tensor pool",
+        "must name an arrow_tensor block",
         "belongs to dataflow",
         "slot 99999 outside pool",
         "no longer holds generation",

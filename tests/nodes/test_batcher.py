@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from arrow_tensor import _batch
-from arrow_tensor._errors import BatchError, ConfigError
+from arrow_tensor import BatchError, ConfigError
+from arrow_tensor import batching as _batch
 from node_helpers import IDLE, RecordingMock, item_event, load_node
 
 torch = pytest.importorskip("torch")

@@ -164,7 +164,7 @@ def test_validator_skips_foreign_messages_and_inputs(small_env, tmp_path, monkey
 def test_validator_exits_1_on_corruption(small_env, tmp_path, monkeypatch):
     messages = stream(small_env)
     array, meta = messages[2]  # seq 1: torch/float16/contiguous/4KiB
-    messages[2] = (tt._flip_byte(array, 0), meta)
+    messages[2] = (tt.flip_byte(array, 0), meta)
     code, report, _ = run_validator(inputs(messages), tmp_path, monkeypatch)
     assert code == 1
     assert report["corrupt"] == 1
@@ -215,13 +215,13 @@ def test_source_duration_mode_announces_the_total_at_the_end(small_env, monkeypa
 
 
 def test_validator_logs_a_chunked_value_cut_short(small_env, tmp_path, monkeypatch, capsys):
-    from arrow_tensor import _chunks, _transport
+    from arrow_tensor.transport import _send
 
-    monkeypatch.setattr(_chunks, "max_chunk_payload", lambda width: 1000)
+    monkeypatch.setattr(_send, "max_chunk_payload", lambda cap, width: 1000)
     case = tt.Case("numpy", "uint8", "contiguous", 4096)
     recorder = AckingMock(ack=False)
     meta = {tt.KEY_CASE: case.id, tt.KEY_SEQ: 0, tt.KEY_SEED: 0, tt.KEY_TOTAL: 1}
-    _transport.send(recorder, "tensors", tt.make_tensor(case, 0, 0), meta, transport="chunked")
+    at.send(recorder, "tensors", tt.make_tensor(case, 0, 0), meta, transport="chunked")
     chunks = [(array, m) for _, array, m in recorder.sent]
     code, report, _ = run_validator(inputs(chunks[:-1]), tmp_path, monkeypatch)
     assert code == 1

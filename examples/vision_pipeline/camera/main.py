@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from arrow_tensor._config import integer, number, setting
+from arrow_tensor.config import integer, number, setting
 from arrow_tensor.node import Node
 
 COLORS = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 240]], dtype=np.uint8)

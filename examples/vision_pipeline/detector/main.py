@@ -9,7 +9,7 @@ labels BxK (int64), with the batch's metadata forwarded so the unbatcher can spl
 from __future__ import annotations
 
 import torch
-from arrow_tensor._config import integer, setting
+from arrow_tensor.config import integer, setting
 from arrow_tensor.node import run
 from torch import nn
 

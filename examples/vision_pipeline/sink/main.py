@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch  # noqa: F401  (imported up front: the first message would pay for it)
-from arrow_tensor._config import number, setting, text
+from arrow_tensor.config import number, setting, text
 from arrow_tensor.node import Node
 
 PALETTE = np.array([[255, 255, 0], [255, 0, 255], [0, 255, 255]], dtype=np.uint8)

@@ -1,4 +1,7 @@
-"""The error types of arrow_tensor: one base, a few precise subclasses."""
+"""The error types of arrow_tensor: one base, a few precise subclasses.
+
+The bottom of the package: every layer raises these, and this module imports nothing of ours.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ __all__ = [
     "PoolExhaustedError",
     "ShmHandleError",
     "StaleHandleError",
+    "TransportError",
     "UnsupportedTensorError",
     "VersionError",
 ]
@@ -69,6 +73,10 @@ class StaleHandleError(PayloadError):
 
 class PoolExhaustedError(ArrowTensorError):
     """Every slot of a loaned-memory pool stayed loaned or held for the whole wait."""
+
+
+class TransportError(ArrowTensorError):
+    """A transport was asked for that this value or output cannot take (``send(transport=...)``)."""
 
 
 class CudaUnavailableError(ArrowTensorError):

@@ -40,8 +40,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _schema, _transport
 from ._errors import ArrowTensorError
+from .codec import _schema
+from .transport import _facts
+from .transport._messages import Receiver
+from .transport._send import loan, send
 
 __all__ = ["Input", "Node", "run"]
 
@@ -122,15 +125,13 @@ class Node:
         self.closed: set[str] = set()
         self.finished = False
         self._writable, self._verify = writable, verify
-        self._receivers: dict[str, _transport.Receiver] = {}
+        self._receivers: dict[str, Receiver] = {}
         self._raw = set(raw_inputs)
         self._drain_timeout = drain_timeout
         self._draining = False
         self._drain_deadline = 0.0
         self._timers, self._data_inputs = self._classify_inputs()
-        from . import pool
-
-        pool.attach(node)  # learn of crashed producers, so their shared memory is unlinked
+        _facts.attach(node)  # learn of crashed producers, so their shared memory is unlinked
 
     def _classify_inputs(self) -> tuple[set[str], set[str]]:
         try:
@@ -225,7 +226,7 @@ class Node:
             return Input(input_id, event.get("value"), metadata, stamp)
         receiver = self._receivers.get(input_id)
         if receiver is None:
-            receiver = _transport.Receiver(writable=self._writable, verify=self._verify)
+            receiver = Receiver(writable=self._writable, verify=self._verify)
             self._receivers[input_id] = receiver
         try:
             value = receiver.receive(event.get("value"), raw_meta)
@@ -244,9 +245,7 @@ class Node:
         used (a receiver on another machine, no free slot) it is an ordinary tensor and
         ``send`` copies it. ``dtype`` is a torch or numpy dtype, or a wire dtype name.
         """
-        from . import pool
-
-        return pool.loan(self.dora, output, shape, dtype)
+        return loan(self.dora, output, shape, dtype)
 
     def send(self, output: str, value: Any, **metadata: Any) -> str:
         """Encode ``value`` (tensor or structure) and send it on ``output``.
@@ -270,7 +269,7 @@ class Node:
         UnsupportedTensorError, MetadataError
             For a value or metadata dora cannot carry; nothing is sent.
         """
-        return _transport.send(self.dora, output, value, metadata, checksum=self.checksum)
+        return send(self.dora, output, value, metadata, checksum=self.checksum)
 
 
 def run(

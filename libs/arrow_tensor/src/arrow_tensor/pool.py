@@ -25,7 +25,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _shm
+from .memory._host_mapped import close_mapped
+from .memory._host_pool import close_pools
+from .transport import _facts
+from .transport._decide import SHM
+from .transport._send import loan as _loan
+from .transport._send import send as _send
 
 __all__ = ["attach", "close", "loan", "send"]
 
@@ -56,10 +61,13 @@ def loan(
     A writable ``numpy.ndarray`` or ``torch.Tensor``. When the output has a receiver on
     another machine, or no slot frees up in time, it is an ordinary private tensor: the code
     stays the same, ``send`` then copies.
+
+    Raises
+    ------
+    UnsupportedTensorError
+        For a dtype, framework or shape no receiver could view.
     """
-    if _shm.route_cached(node, output_id) != "shm":
-        return _shm._as_private(shape, dtype, framework)
-    return _shm.output_pool(node, output_id).loan(shape, dtype, framework)
+    return _loan(node, output_id, shape, dtype, framework)
 
 
 def send(
@@ -91,20 +99,20 @@ def send(
     ``"shm"`` if a handle was sent, ``"message"`` if the value went as an ordinary message
     (a receiver on another machine, or the pool stayed full for ``ARROW_TENSOR_SHM_WAIT``).
     """
-    from . import _transport
-
-    extra = _transport.user_metadata(metadata)
-    if _shm.route_cached(node, output_id) != "shm":
-        _transport.send(node, output_id, value, extra, checksum=checksum)
-        return "message"
-    return _shm.output_pool(node, output_id).send(value, extra, checksum=checksum)
+    route = _send(node, output_id, value, metadata, checksum=checksum, transport=SHM)
+    return "shm" if route == SHM else "message"
 
 
 def attach(node: Any) -> None:
-    """Receiver side: learn of crashed producers through ``node`` (dora's extension table)."""
-    _shm.attach(node)
+    """Receiver side: learn of crashed producers through ``node`` (dora's extension table).
+
+    ``arrow_tensor.node.Node`` does this itself; call it once when you drive a plain
+    ``dora.Node`` and decode shared-memory handles.
+    """
+    _facts.attach(node)
 
 
 def close() -> None:
     """Remove this process's pool files now (also done at exit); loaned tensors stay valid."""
-    _shm.close_all()
+    close_pools()
+    close_mapped()

@@ -1,5 +1,5 @@
 """Tensors sent again and again with one layout each: after the first, the fast paths carry
-them (Note [The fast path] in arrow_tensor._codec). Content changes with the message index,
+them (Note [The fast path] in arrow_tensor.codec._tensor). Content changes with the message index,
 so a stale or misplaced payload cannot pass."""
 
 from __future__ import annotations

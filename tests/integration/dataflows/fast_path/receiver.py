@@ -11,8 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import pyarrow as pa
 import torch
-from arrow_tensor import _codec
-from arrow_tensor._transport import Receiver
+from arrow_tensor import Receiver
+from arrow_tensor.codec import _tensor as _codec
 from cases import bits, make
 from dora import Node
 

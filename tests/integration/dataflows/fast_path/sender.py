@@ -7,7 +7,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arrow_tensor import _transport
+import arrow_tensor as at
+from arrow_tensor.transport import _facts
 from cases import CASES, REPEATS, make
 from dora import Node
 
@@ -17,14 +18,15 @@ def main() -> None:
     for name in CASES:
         vias = []
         for i in range(REPEATS):
-            vias.append(_transport.send(node, "data", make(name, i), {"case": name, "i": i}))
+            vias.append(at.send(node, "data", make(name, i), {"case": name, "i": i}))
             ev = node.next(timeout=60)
             while ev is not None and ev["type"] != "INPUT":
                 ev = node.next(timeout=60)
             assert ev is not None, f"no ack for {name} {i}"
-        fast = any(entry is not None for entry in _transport._FAST_SEND.values())
+        memo = _facts.state_of(node, "data").fast
+        fast = any(entry is not None for entry in memo.values())
         print(f"CASE {name} via {'+'.join(sorted(set(vias)))} fast_entries={fast}", flush=True)
-        _transport._FAST_SEND.clear()  # the next case must learn its own layout
+        memo.clear()  # the next case must learn its own layout
     print("SENDER DONE", flush=True)
 
 

@@ -12,8 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import pyarrow as pa
 import torch
-from arrow_tensor import ArrowTensorError
-from arrow_tensor._transport import Receiver
+from arrow_tensor import ArrowTensorError, Receiver
 from cases import make
 from dora import Node
 

@@ -8,7 +8,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from arrow_tensor._transport import send
+from arrow_tensor import send
 from cases import CASES, make
 from dora import Node
 

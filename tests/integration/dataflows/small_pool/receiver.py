@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from arrow_tensor._transport import Receiver
+from arrow_tensor import Receiver
 from dora import Node
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from arrow_tensor._transport import send
+from arrow_tensor import send
 from dora import Node
 
 

@@ -1,0 +1,157 @@
+"""``CudaBackend`` for torch CUDA tensors (it also opens any CUDA descriptor for torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..._errors import CudaUnavailableError, UnsupportedTensorError
+from ...codec import _dtypes
+from ._device import IPC_HANDLE_SIZE, NO_EVENT, ArrayInfo, DeviceId, Export
+from ._runtime import CaiOwner, Runtime
+
+
+class TorchCudaBackend:
+    """``CudaBackend`` for torch CUDA tensors (also opens any CUDA descriptor for torch)."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def info(self, x: Any) -> ArrayInfo:
+        """Facts of a CUDA tensor; refuses layouts without a wire form."""
+        t = x
+        if t.layout is not self.torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedTensorError(
+                f"torch layout {t.layout} / quantized / nested CUDA tensors are not supported; "
+                f"convert to a dense strided tensor first"
+            )
+        entry = _dtypes.from_torch(t.dtype)
+        pending = bool(t.is_conj() or t.is_neg())
+        return ArrayInfo(entry, tuple(t.shape), tuple(t.stride()), "torch", pending)
+
+    def compact(self, x: Any, perm: Sequence[int]) -> Any:
+        """One device copy into a fresh dense tensor laid out in order ``perm``."""
+        t = x.detach()
+        if t.is_conj():
+            t = t.resolve_conj()
+        if t.is_neg():
+            t = t.resolve_neg()
+        inverse = [0] * len(perm)
+        for i, p in enumerate(perm):
+            inverse[p] = i
+        return t.permute(list(perm)).contiguous().permute(inverse)
+
+    def export(self, x: Any) -> Export:
+        """Through PyTorch's own IPC sharing (block base, offset, interprocess event)."""
+        storage = x.untyped_storage()
+        try:
+            (_dev, handle, _size, storage_offset, rc_handle, rc_offset, event, sync) = (
+                storage._share_cuda_()
+            )
+        except RuntimeError as exc:
+            raise CudaUnavailableError(
+                f"PyTorch cannot share this CUDA memory over legacy IPC ({exc}); "
+                f"memory received from another process must be cloned before re-sending"
+            ) from exc
+        if not isinstance(handle, bytes) or len(handle) != IPC_HANDLE_SIZE:
+            raise CudaUnavailableError(
+                "this allocation has no legacy CUDA IPC handle (PyTorch expandable segments "
+                "or another VMM allocator); use the host path"
+            )
+        ordinal = x.device.index
+        _base, size = Runtime.get().address_range(x.data_ptr())
+        offset = storage_offset + x.storage_offset() * x.element_size()
+        release_counter = self.torch.UntypedStorage._release_ipc_counter
+
+        def on_release() -> None:
+            # _share_cuda_ set PyTorch's own counter to 1 and parked the block in its limbo;
+            # our receivers never touch that counter, so the producer returns it here.
+            release_counter(rc_handle, rc_offset, device=ordinal)
+
+        return Export(
+            handle,
+            offset,
+            size,
+            event if sync else NO_EVENT,
+            self._device(ordinal),
+            keepalive=x,
+            on_release=on_release,
+        )
+
+    def _device(self, ordinal: int) -> DeviceId:
+        props = self.torch.cuda.get_device_properties(ordinal)
+        uuid = str(getattr(props, "uuid", ""))
+        pci = "{:04x}:{:02x}:{:02x}.0".format(
+            getattr(props, "pci_domain_id", 0),
+            getattr(props, "pci_bus_id", 0),
+            getattr(props, "pci_device_id", 0),
+        )
+        return DeviceId(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}", pci, ordinal)
+
+    def local_device(self, uuid: str, pci_bus_id: str) -> int | None:
+        """Match by UUID first, PCI bus id second."""
+        if not self.torch.cuda.is_available():
+            return None
+        devices = [self._device(i) for i in range(self.torch.cuda.device_count())]
+        for dev in devices:
+            if dev.uuid == uuid:
+                return dev.ordinal
+        for dev in devices:
+            if pci_bus_id and dev.pci_bus_id == pci_bus_id:
+                return dev.ordinal
+        return None
+
+    def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
+        """``cudaIpcOpenMemHandle`` after making sure CUDA is initialised on ``ordinal``."""
+        self.torch.cuda.init()
+        with self.torch.cuda.device(ordinal):
+            rt = Runtime.get()
+            ptr = rt.ipc_open(handle)
+            return rt.address_range(ptr)
+
+    def close_handle(self, base: int, ordinal: int) -> None:
+        """``cudaIpcCloseMemHandle``."""
+        with self.torch.cuda.device(ordinal):
+            Runtime.get().ipc_close(base)
+
+    def wait_event(self, event: bytes, ordinal: int) -> None:
+        """``torch.cuda.Event.from_ipc_handle`` waited on by the current stream."""
+        device = self.torch.device("cuda", ordinal)
+        ev = self.torch.cuda.Event.from_ipc_handle(device, event)
+        ev.wait(self.torch.cuda.current_stream(device))
+
+    def synchronize(self, ordinal: int) -> None:
+        """Current stream idle: nothing of ours still reads the producer's memory."""
+        self.torch.cuda.current_stream(ordinal).synchronize()
+
+    def build(
+        self,
+        framework: str,
+        ptr: int,
+        nbytes: int,
+        owner: object,
+        entry: _dtypes.DType,
+        physical: tuple[int, ...],
+        inverse: Sequence[int],
+        ordinal: int,
+    ) -> Any:
+        """A torch (or cupy) array over the mapped bytes, reinterpreted via a byte view."""
+        torch = self.torch
+        dtype = _dtypes.torch_dtype(entry)
+        # torch increfs the __cuda_array_interface__ object and decrefs it in the storage's
+        # deleter, so ``owner`` lives exactly as long as the last view (no copy: same device).
+        with torch.cuda.device(ordinal):
+            raw = torch.as_tensor(CaiOwner(ptr, nbytes, owner), device=f"cuda:{ordinal}")
+        return raw.view(dtype).view(physical).permute(list(inverse))
+
+    def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:
+        """Device-to-host copy."""
+        with self.torch.cuda.device(ordinal):
+            raw = self.torch.as_tensor(CaiOwner(ptr, nbytes, None), device=f"cuda:{ordinal}")
+            return raw.cpu().numpy()

@@ -1,0 +1,374 @@
+"""Facts about each output, computed once: who receives it, where, and what its routes allow.
+
+Note [Output facts]
+Everything the transport decision needs to know about an *output* (as opposed to a value)
+is read once, when the output first sends, into a frozen ``OutputFacts``: this node's id
+and machine, the receivers and their machines (from the dataflow descriptor), why
+shared-memory handles or CUDA IPC cannot be used here (or None), the size of dora's
+shared-memory pool for this node, whether the node has raw samples, dora's message cap
+and the pool threshold. The descriptor does not change while a dataflow runs, so neither
+do the facts, with one exception learned by trying: a node whose ``send_output_raw``
+refuses (``dora.testing.MockNode``) has no raw samples, and its facts are replaced once.
+
+The mutable per-output state sits beside the facts in ``OutputState``: the memoized
+decisions of the send fast path, the output's shared-memory pool once it has one, and
+what was already said to the user. This module holds the one registry of such state,
+keyed by the node's ``id`` with the node itself kept in the entry, so an id can never be
+reused while its entry lives; entries of nodes nobody else references any more are
+dropped (and their pools closed) when the registry grows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .. import config
+from .._errors import ShmHandleError
+from ..codec._memo import Memo
+from ..memory import _blocks
+from ..memory._host_pool import OutputPool
+
+log = logging.getLogger("arrow_tensor")
+
+DORA_MESSAGE_CAP = 256 << 20
+"""dora 1.1 refuses a message whose Arrow IPC stream exceeds this many bytes."""
+DORA_DEFAULT_POOL_BYTES = 8 << 20
+"""A node's shared-memory pool when neither the YAML nor ``DORA_NODE_SHM_POOL_SIZE`` sets it."""
+SHM_MIN_BYTES = 256 << 20
+"""Ordinary tensors of this size or more go through the pool (``ARROW_TENSOR_SHM_MIN_BYTES``).
+
+Below dora's message cap a copy into a slot measured no faster than dora's own message,
+which holds no slot; above it the pool beats chunking (benchmarks/README.md)."""
+EXTENSION_NS = "arrow_tensor.shm"
+"""The namespace of arrow_tensor's entries in dora's extension table (crash notices)."""
+_NO_CUDA = ("", "-1", "none", "void", "nodevfiles")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A receiver of an output: its node id and the machine it is deployed on (or None)."""
+
+    node_id: str
+    machine: str | None
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """What the transport decision knows about one output (see Note [Output facts])."""
+
+    output_id: str
+    node_id: str | None
+    """This node's id (None outside dora)."""
+    machine: str | None
+    """This node's machine (``DORA_MACHINE_ID``, else its ``deploy.machine``), or None."""
+    receivers: tuple[Peer, ...] = ()
+    shm_reason: str | None = "no dataflow is known"
+    """Why shared-memory handles cannot reach every receiver, or None when they can."""
+    cuda_reason: str | None = "no dataflow is known"
+    """Why CUDA IPC descriptors cannot reach every receiver, or None when they can."""
+    pool_bytes: int = DORA_DEFAULT_POOL_BYTES
+    """dora's shared-memory pool for this node's outgoing samples."""
+    raw: bool = True
+    """The node hands out raw samples (``send_output_raw``)."""
+    message_cap: int = DORA_MESSAGE_CAP
+    """Largest IPC-encoded message dora accepts on this output's route."""
+    shm_min_bytes: int = SHM_MIN_BYTES
+    """Ordinary tensors from this size travel through the pool."""
+
+    @property
+    def receiver_ids(self) -> tuple[str, ...]:
+        """The receivers' node ids."""
+        return tuple(p.node_id for p in self.receivers)
+
+
+# Reading the dataflow descriptor (pure functions) -----------------------------------------
+def _input_source(spec: object) -> str | None:
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping):
+        source = spec.get("source")
+        return source if isinstance(source, str) else None
+    return None
+
+
+def _deploy_machine(entry: Mapping[str, Any], default: str | None) -> str | None:
+    deploy = entry.get("deploy")
+    if isinstance(deploy, Mapping) and deploy.get("machine"):
+        return str(deploy["machine"])
+    return default
+
+
+def _nodes(descriptor: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    nodes = descriptor.get("nodes") or []
+    return [n for n in nodes if isinstance(n, Mapping)] if isinstance(nodes, list) else []
+
+
+def receivers_of(descriptor: Mapping[str, Any], node_id: str, output_id: str) -> list[Peer]:
+    """Every node with an input fed by ``node_id/output_id``, by id, with its machine."""
+    wanted = f"{node_id}/{output_id}"
+    default = _deploy_machine(descriptor, None)
+    found: dict[str, str | None] = {}
+    for entry in _nodes(descriptor):
+        inputs = entry.get("inputs") or {}
+        if isinstance(inputs, Mapping) and any(
+            _input_source(spec) == wanted for spec in inputs.values()
+        ):
+            found[str(entry.get("id"))] = _deploy_machine(entry, default)
+    return [Peer(rid, machine) for rid, machine in sorted(found.items())]
+
+
+def own_machine(
+    descriptor: Mapping[str, Any], node_id: str, environ: Mapping[str, str]
+) -> str | None:
+    """This node's machine: ``DORA_MACHINE_ID``, else its ``deploy.machine`` in the YAML."""
+    machine = environ.get("DORA_MACHINE_ID") or None
+    if machine:
+        return machine
+    default = _deploy_machine(descriptor, None)
+    for entry in _nodes(descriptor):
+        if str(entry.get("id")) == node_id:
+            return _deploy_machine(entry, default)
+    return default
+
+
+def shm_reason(
+    output_id: str, receivers: list[Peer], machine: str | None, shm_available: bool
+) -> str | None:
+    """Why shared-memory handles cannot reach every receiver of ``output_id``, or None.
+
+    The pool needs every receiver on this machine, and a usable /dev/shm. One dora output
+    reaches all its receivers with the same message, so one remote receiver sends the whole
+    output by the message path.
+    """
+    if not shm_available:
+        return f"{_blocks.SHM_DIR} is not available on this system"
+    if not receivers:
+        return f"output {output_id!r} has no receivers in the dataflow descriptor"
+    remote = [p.node_id for p in receivers if p.machine != machine]
+    if remote:
+        return f"receivers {remote} run on another machine than {machine!r}"
+    return None
+
+
+def cuda_reason(
+    descriptor: Mapping[str, Any],
+    receivers: list[Peer],
+    machine: str | None,
+    environ: Mapping[str, str],
+) -> str | None:
+    """Why the receivers cannot open CUDA IPC descriptors from this node, or None.
+
+    A pure function of the dataflow descriptor (as ``node.dataflow_descriptor()`` returns
+    it, or the YAML parsed) and this process's environment. Outside a dataflow (no
+    receivers known) a descriptor is made for one receiver on this machine.
+    """
+    forced = environ.get("ARROW_TENSOR_TRANSPORT", "auto").strip().lower()
+    if forced == "host":
+        return "ARROW_TENSOR_TRANSPORT=host"
+    remote = [p.node_id for p in receivers if p.machine != machine]
+    if remote:
+        return f"receivers {remote} run on another machine than {machine!r} (deploy.machine)"
+    nodes = {str(n.get("id")): n for n in _nodes(descriptor)}
+    for peer in receivers:
+        env = nodes.get(peer.node_id, {}).get("env") or {}
+        if not isinstance(env, Mapping):
+            continue
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None and str(visible).strip().lower() in _NO_CUDA:
+            return (
+                f"receiver {peer.node_id!r} has no CUDA device (CUDA_VISIBLE_DEVICES={visible!r})"
+            )
+        if str(env.get("ARROW_TENSOR_TRANSPORT", "")).strip().lower() == "host":
+            return f"receiver {peer.node_id!r} asks for the host path (ARROW_TENSOR_TRANSPORT=host)"
+    return None
+
+
+def pool_bytes(node_config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
+    """The bytes of shared memory dora gives a node's outgoing samples.
+
+    The YAML's ``shared_memory_pool_size`` (visible in ``node.node_config()``) wins over
+    ``DORA_NODE_SHM_POOL_SIZE`` in the node's environment; neither means dora's 8 MB.
+    """
+    size = node_config.get("shared_memory_pool_size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    try:
+        return int(environ.get("DORA_NODE_SHM_POOL_SIZE", ""))
+    except ValueError:
+        return DORA_DEFAULT_POOL_BYTES
+
+
+# Reading a node (the only impure part) ----------------------------------------------------
+def _call(node: Any, method: str) -> dict[str, Any]:
+    """``node.<method>()`` as a dict; {} for a node without a daemon behind it."""
+    fn = getattr(node, method, None)
+    try:
+        value = fn() if callable(fn) else None
+    except Exception:  # a stand-in without a daemon: nothing to learn
+        value = None
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None) -> OutputFacts:
+    """The facts of ``output_id`` on ``node``, read from the node and this environment."""
+    env = os.environ if environ is None else environ
+    try:
+        node_id: str | None = _blocks.identity().node_id
+    except ShmHandleError:
+        node_id = None
+    descriptor = _call(node, "dataflow_descriptor")
+    receivers = receivers_of(descriptor, node_id, output_id) if node_id else []
+    machine = own_machine(descriptor, node_id or "", env)
+    shm_min = config.setting("ARROW_TENSOR_SHM_MIN_BYTES", config.size, SHM_MIN_BYTES)
+    no_dora = "this process is not a dora node (DORA_NODE_CONFIG names no node)"
+    return OutputFacts(
+        output_id=output_id,
+        node_id=node_id,
+        machine=machine,
+        receivers=tuple(receivers),
+        shm_reason=(
+            shm_reason(output_id, receivers, machine, _blocks.available()) if node_id else no_dora
+        ),
+        cuda_reason=cuda_reason(descriptor, receivers, machine, env),
+        pool_bytes=pool_bytes(_call(node, "node_config"), env),
+        raw=callable(getattr(node, "send_output_raw", None)),
+        message_cap=DORA_MESSAGE_CAP,
+        shm_min_bytes=shm_min,
+    )
+
+
+# Per-output state ----------------------------------------------------------------------
+@dataclass(eq=False)
+class OutputState:
+    """The facts of one output plus what the transport keeps for it between sends."""
+
+    node: Any
+    """Held so that ``id(node)`` in the registry key cannot be reused while this lives."""
+    facts: OutputFacts
+    fast: Memo[tuple[Any, ...], Any] = field(default_factory=lambda: Memo(256))
+    """The send fast path: memoized decisions by (type, dtype, shape, strides)."""
+    pool: OutputPool | None = None
+    """This output's shared-memory pool, made on first use."""
+    said: set[str] = field(default_factory=set)
+    """Topics already told to the user (each warning is given once per output)."""
+    pool_checked: int = 0
+    """The largest in-flight byte count found to fit dora's pool (no warning needed)."""
+
+    def no_raw_samples(self) -> None:
+        """Learned: this node refuses raw samples (see Note [Output facts])."""
+        if self.facts.raw:
+            self.facts = replace(self.facts, raw=False)
+            self.fast.clear()
+
+    def shm_pool(self) -> OutputPool:
+        """The output's pool, made on first use (only when ``facts.shm_reason`` is None)."""
+        if self.pool is None:
+            self.pool = OutputPool(
+                _blocks.identity(), self.facts.output_id, self.facts.receiver_ids
+            )
+            self.fast.clear()  # sends may now be loans: the fast path steps aside
+        return self.pool
+
+    def warn_once(self, topic: str, text: str) -> None:
+        """Tell the user ``text`` once per output and topic, through dora's log if it has one."""
+        if topic in self.said:
+            return
+        self.said.add(topic)
+        warn = getattr(self.node, "log_warn", None)
+        if callable(warn):
+            try:
+                warn(text)
+                return
+            except Exception:  # logging must never break a send
+                pass
+        log.warning(text)
+
+
+_STATES: dict[tuple[int, str], OutputState] = {}
+_SWEEP_AT = 256
+
+
+def state_of(node: Any, output_id: str) -> OutputState:
+    """The state of ``output_id`` on ``node``, its facts read on first use."""
+    state = _STATES.get((id(node), output_id))
+    if state is None:
+        if len(_STATES) >= _SWEEP_AT:
+            _forget_dead_nodes()
+        attach(node)
+        state = _STATES[(id(node), output_id)] = OutputState(node, facts_of(node, output_id))
+    return state
+
+
+def _forget_dead_nodes() -> None:
+    """Drop the state of nodes only this registry still references (closing their pools)."""
+    global _SWEEP_AT
+    by_node: dict[int, list[tuple[int, str]]] = {}
+    for key in _STATES:
+        by_node.setdefault(key[0], []).append(key)
+    for keys in by_node.values():
+        node = _STATES[keys[0]].node
+        # References: one per entry of this node, the local, getrefcount's argument.
+        if sys.getrefcount(node) <= len(keys) + 2:
+            for key in keys:
+                state = _STATES.pop(key)
+                if state.pool is not None:
+                    with contextlib.suppress(Exception):
+                        state.pool.close()
+        del node
+    _SWEEP_AT = max(256, 2 * len(_STATES))
+
+
+def existing_state(node: Any, output_id: str) -> OutputState | None:
+    """The state of ``output_id`` on ``node`` if it has sent before (the fast path asks)."""
+    return _STATES.get((id(node), output_id))
+
+
+# Crash notices through dora's extension table ---------------------------------------------
+class DoraNotices:
+    """``_blocks.Notices`` over a dora node's extension table (see Note [Block files]).
+
+    The daemon drops a node's entries when it exits, even by a crash, and tells every node
+    that loaded them: receivers then unlink the block names of a dead producer.
+    """
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def announce(self, name: str) -> None:
+        """Store an entry for ``name``, owned by this node."""
+        with contextlib.suppress(Exception):  # MockNode, or a dora without the table
+            self.node.extension_store(EXTENSION_NS, name, str(os.getpid()).encode())
+
+    def retire(self, name: str) -> None:
+        """Drop the entry of ``name`` (closed cleanly)."""
+        with contextlib.suppress(Exception):
+            self.node.extension_drop(EXTENSION_NS, name)
+
+    def watch(self, name: str) -> None:
+        """Load the entry of ``name``: its drop will be reported to this node."""
+        with contextlib.suppress(Exception):  # already dropped: the producer is gone
+            self.node.extension_load(EXTENSION_NS, name)
+
+    def dropped(self) -> list[str]:
+        """Entries dropped since the last call (their producers exited)."""
+        try:
+            return list(self.node.drain_dropped_extension_keys(EXTENSION_NS))
+        except Exception:  # MockNode / older dora: no notices, the exit sweep still runs
+            return []
+
+
+def attach(node: Any) -> None:
+    """Let this process's pools and receivers exchange crash notices through ``node``.
+
+    The first dora node of the process is used (one process is one dora node); later calls
+    with another node replace it (tests make many).
+    """
+    current = _blocks.notices()
+    if not (isinstance(current, DoraNotices) and current.node is node):
+        _blocks.set_notices(DoraNotices(node))

@@ -1,0 +1,459 @@
+"""Sending: a value prepared once, the decision taken once, executors that send or decline.
+
+``send`` reads as its steps: the fast path for a layout this output sent before (the
+memoized decision, Note [The fast path] in ``codec._tensor``); the output's facts
+(``_facts``); the value prepared into a ``Payload`` (``prepare``); the routes
+(``_decide.decide``); each route's executor in order until one sends. An executor either
+sends and returns its route, or declines (``None``) having sent nothing: a full pool, an
+allocation CUDA cannot share, a node without raw samples.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .._errors import (
+    ArrowTensorError,
+    CudaUnavailableError,
+    PoolExhaustedError,
+    TransportError,
+)
+from ..codec import _layout, _schema, _tensor, _tree
+from ..codec._tensor import TensorPlan
+from ..memory._blocks import ANONYMOUS
+from ..memory._host_pool import private_tensor
+from ..memory.cuda._ipc import encode_cuda, legacy_ipc_problem, to_host
+from ..memory.cuda._select import is_device_array
+from . import _chunks
+from ._advice import check_pool, host_path
+from ._decide import (
+    CHUNKED,
+    CUDA_IPC,
+    DEVICE,
+    HOST_COPY,
+    INLINE,
+    RAW,
+    RAW_MIN_BYTES,
+    SHM,
+    TENSOR,
+    TREE,
+    Payload,
+    decide,
+    max_chunk_payload,
+    message_bytes,
+)
+from ._facts import OutputState, state_of
+from ._metadata import is_plain, user_metadata
+
+_EMPTY = pa.array([], pa.uint8())
+
+
+@dataclass
+class Outgoing:
+    """One value on its way: planned once, described for the decision, with its metadata."""
+
+    value: Any
+    payload: Payload
+    extra: dict[str, Any]
+    """The user's metadata, already checked."""
+    checksum: bool
+    forced: str | None
+    plan: TensorPlan | None = None
+    """Host tensors: the codec's plan (header, physical-order view, whether to compact)."""
+    tree: _tree.TreePlan | None = None
+    """Structures: the codec's plan of every leaf."""
+
+
+def send(
+    node: Any,
+    output_id: str,
+    value: Any,
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    checksum: bool = False,
+    transport: str | None = None,
+) -> str:
+    """Encode ``value`` and send it on ``output_id`` of the dora ``node``.
+
+    Parameters
+    ----------
+    node:
+        A ``dora.Node`` (or ``dora.testing.MockNode``).
+    output_id:
+        One of the node's outputs.
+    value:
+        What ``arrow_tensor.encode`` accepts: a tensor (numpy, torch on any device, CuPy)
+        or a dict / list / tuple nesting tensors and scalars.
+    metadata:
+        Your own flat keys (not ``at.``-prefixed, not dora's reserved ones).
+    checksum:
+        Attach an xxh3-64 checksum of the exact bytes sent. A payload that needs compacting
+        is then compacted into a private buffer and hashed before it is sent (two copies).
+    transport:
+        ``None`` lets the library decide (Note [Choosing a transport]); ``"inline"``,
+        ``"raw"`` or ``"chunked"`` force one (tests, benchmarks) or raise
+        ``TransportError`` saying why it cannot be; ``"shm"`` prefers the shared-memory
+        pool (``pool.send``).
+
+    Returns
+    -------
+    str
+        The route taken: ``"inline"``, ``"raw"``, ``"chunked"``, ``"shm"`` or ``"cuda"``.
+
+    Raises
+    ------
+    UnsupportedTensorError, MetadataError, TransportError
+        For values, metadata or forced transports arrow_tensor cannot send; nothing is sent.
+    """
+    if transport is None and not checksum:
+        sent = _fast_send(node, output_id, value, metadata)
+        if sent is not None:
+            return sent
+    state = state_of(node, output_id)
+    return _execute(state, prepare(state, value, user_metadata(metadata), checksum, transport))
+
+
+def _execute(state: OutputState, out: Outgoing) -> str:
+    """Try the decided routes in order; the first that sends wins.
+
+    A route that declines because it learned a fact (a node without raw samples) has the
+    decision taken again with the new facts.
+    """
+    facts = None
+    routes: tuple[str, ...] = ()
+    while facts is not state.facts:
+        facts = state.facts
+        routes = decide(facts, out.payload, out.forced, out.checksum)
+        for route in routes:
+            sent = _EXECUTORS[route](state, out)
+            if sent is not None:
+                return sent
+            if state.facts is not facts:
+                break
+    raise TransportError(
+        f"output {state.facts.output_id!r}: every route declined ({', '.join(routes)})"
+    )
+
+
+# Preparing a value ------------------------------------------------------------------------
+def _is_host_tensor(value: Any) -> bool:
+    """A numpy array or CPU torch tensor: spares ``is_device_array``'s slower checks."""
+    if isinstance(value, np.ndarray):
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor) and value.device.type == "cpu"
+
+
+def _address(value: Any) -> int | None:
+    if isinstance(value, np.ndarray):
+        return value.__array_interface__["data"][0]
+    return value.data_ptr()
+
+
+def tensor_payload(state: OutputState, value: Any, p: TensorPlan) -> Payload:
+    """The decision's view of a planned host tensor (the fast path learns through it too)."""
+    pool = state.pool
+    return Payload(
+        nbytes=p.nbytes,
+        width=p.header.dtype.storage.itemsize,
+        needs_copy=p.needs_copy,
+        kind=TENSOR,
+        loaned=pool is not None and p.nbytes > 0 and pool.owns(_address(value)),
+        parallel_copy=_tensor.copies_in_parallel(p.nbytes),
+    )
+
+
+def prepare(
+    state: OutputState,
+    value: Any,
+    extra: dict[str, Any],
+    checksum: bool,
+    forced: str | None,
+) -> Outgoing:
+    """Plan ``value`` once and describe it for the decision.
+
+    Raises
+    ------
+    UnsupportedTensorError
+        For anything without an exact wire form, naming the alternative.
+    """
+    if _is_host_tensor(value):
+        p = _tensor.plan(value)
+        payload = tensor_payload(state, value, p)
+        return Outgoing(value, payload, extra, checksum, forced, plan=p)
+    if is_device_array(value):
+        payload = Payload(0, kind=DEVICE, device_problem=legacy_ipc_problem(value, os.environ))
+        return Outgoing(value, payload, extra, checksum, forced)
+    if isinstance(value, (dict, list, tuple)):
+        tp = _tree.plan_tree(value)
+        return Outgoing(value, Payload(tp.nbytes, 8, kind=TREE), extra, checksum, forced, tree=tp)
+    p = _tensor.plan(value)  # raises, saying what this value is and what would do
+    return Outgoing(value, tensor_payload(state, value, p), extra, checksum, forced, plan=p)
+
+
+# Executors: each sends and returns its route, or declines with None -----------------------
+def _send_cuda(state: OutputState, out: Outgoing) -> str | None:
+    try:
+        array, meta = encode_cuda(
+            out.value,
+            receivers=state.facts.receiver_ids or (ANONYMOUS,),
+            checksum=out.checksum,
+        )
+    except (PoolExhaustedError, CudaUnavailableError) as exc:  # this one goes by the host
+        host_path(state, str(exc))
+        return None
+    meta.update(out.extra)
+    state.node.send_output(state.facts.output_id, array, meta)
+    return CUDA_IPC
+
+
+def _send_host(state: OutputState, out: Outgoing) -> str | None:
+    reason = state.facts.cuda_reason or out.payload.device_problem
+    if reason and out.forced is None:
+        host_path(state, reason)
+    host = to_host(out.value)  # the host path's one device-to-host copy
+    return _execute(state, prepare(state, host, out.extra, out.checksum, out.forced))
+
+
+def _send_shm(state: OutputState, out: Outgoing) -> str | None:
+    assert out.plan is not None
+    pool = state.shm_pool()
+    # An ordinary tensor never waits for a slot: the message path is as fast as a copy
+    # into a slot would be. Only pool.send (forced) waits a little.
+    handle = pool.place(out.value, out.plan, wait_s=pool.wait_s if out.forced == SHM else 0.0)
+    if handle is None:
+        return None
+    meta = handle.publish(out.checksum)
+    meta.update(out.extra)
+    try:
+        state.node.send_output(state.facts.output_id, _EMPTY, meta)
+    except BaseException:
+        handle.unsend()
+        raise
+    handle.sent()
+    return SHM
+
+
+def _send_raw(state: OutputState, out: Outgoing) -> str | None:
+    p = out.plan
+    assert p is not None
+    check_pool(state, message_bytes(p.nbytes, 1))
+    meta = p.header.to_metadata()
+    meta.update(out.extra)
+    try:
+        with state.node.send_output_raw(state.facts.output_id, p.nbytes, meta) as sample:
+            p.write_into(sample)
+    except NotImplementedError:  # dora.testing.MockNode, before anything was sent
+        state.no_raw_samples()
+        return None
+    return RAW
+
+
+def _send_inline(state: OutputState, out: Outgoing) -> str | None:
+    if out.plan is not None:
+        array, meta = _tensor.encode_plan(out.plan, checksum=out.checksum)
+        nbytes, width = out.plan.nbytes, out.payload.width
+    else:
+        assert out.tree is not None
+        array, meta = _tree.encode_plan(out.tree, checksum=out.checksum)
+        nbytes, width = out.tree.nbytes, 8
+    meta.update(out.extra)
+    if nbytes >= RAW_MIN_BYTES:  # smaller messages live on dora's heap, not in its pool
+        check_pool(state, message_bytes(nbytes, width))
+    state.node.send_output(state.facts.output_id, array, meta)
+    return INLINE
+
+
+def _send_chunked(state: OutputState, out: Outgoing) -> str | None:
+    max_chunk = max_chunk_payload(state.facts.message_cap, 1)
+    if out.plan is not None:
+        p = out.plan
+        pieces, flat = _chunks.plan_pieces(p, max_chunk)
+        header_meta = p.header.to_metadata()
+        if out.checksum:
+            if flat is None:
+                flat = p.payload().view(np.uint8)
+                pieces = _chunks.byte_pieces(flat, max_chunk)
+            header_meta[_schema.KEY_CHECKSUM] = _chunks.checksum_of(p.header.describe(), flat)
+        total = p.nbytes
+    else:
+        assert out.tree is not None
+        array, header_meta = _tree.encode_plan(out.tree, checksum=out.checksum)
+        flat = _chunks.chunk_bytes(array)
+        pieces, total = _chunks.byte_pieces(flat, max_chunk), out.tree.nbytes
+    largest = message_bytes(max(piece.nbytes for piece in pieces), 1)
+    check_pool(state, largest, in_flight=len(pieces) + 1)
+    node, output_id = state.node, state.facts.output_id
+    if state.facts.raw:
+        try:
+            _chunks.send_chunks(node, output_id, pieces, total, header_meta, out.extra, raw=True)
+            return CHUNKED
+        except NotImplementedError:  # MockNode: raised by the first chunk, before it left
+            state.no_raw_samples()
+    _chunks.send_chunks(node, output_id, pieces, total, header_meta, out.extra, raw=False)
+    return CHUNKED
+
+
+_EXECUTORS: dict[str, Callable[[OutputState, Outgoing], str | None]] = {
+    CUDA_IPC: _send_cuda,
+    HOST_COPY: _send_host,
+    SHM: _send_shm,
+    RAW: _send_raw,
+    INLINE: _send_inline,
+    CHUNKED: _send_chunked,
+}
+
+
+# The fast path: the memoized decision for a layout (Note [The fast path] in codec._tensor)
+@dataclass(frozen=True, slots=True)
+class _FastSend:
+    """A layout ``send`` decided on one output to be one plain dora message."""
+
+    raw: bool
+    """Compacted into a ``send_output_raw`` sample, else the tensor's own bytes inline."""
+    arrow_type: pa.DataType
+    length: int
+    """Elements of ``arrow_type`` (inline), or of the tensor (raw)."""
+    nbytes: int
+    perm: tuple[int, ...] | None
+    """Transpose into physical order first (None: already C-ordered)."""
+    metadata: dict[str, Any]
+
+
+_UNSEEN = object()
+
+
+def _torch_tensor() -> type | None:
+    """``torch.Tensor`` if torch is imported (we never import it here)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def _fast_send(node: Any, output_id: str, value: Any, metadata: Any) -> str | None:
+    """Send a repeated layout the way the decision chose for it; None: take the full path.
+
+    A frame costs microseconds in a node woken by a message, so this is written out: one
+    state lookup, one memo lookup, the per-tensor checks torch needs, one dora call.
+    """
+    kind = type(value)
+    if kind is np.ndarray:
+        key = (kind, value.dtype, value.shape, value.strides)
+    elif kind is _torch_tensor():
+        # torch's own attributes, cheaper than t.numpy(). Sparse and nested tensors have
+        # no strides.
+        try:
+            key = (kind, value.dtype, value.shape, value.stride())
+        except RuntimeError:
+            return None
+    else:
+        return None
+    state = state_of(node, output_id)
+    if state.pool is not None:  # this output loans: the full path knows a loaned tensor
+        return None
+    entry = state.fast.get(key, _UNSEEN)
+    if entry is _UNSEEN:
+        entry = _learn(state, value, key)
+    if entry is None or (metadata and not is_plain(metadata)):
+        return None
+    meta = {**entry.metadata, **metadata} if metadata else entry.metadata.copy()
+    bits = value
+    if kind is not np.ndarray:
+        # Per tensor, not per layout: the device, a negative view's pending math, and
+        # memory at all (a ZeroTensor view's data_ptr is an offset from 0).
+        if not value.is_cpu or value.is_neg() or value._is_zerotensor():
+            return None
+        if not entry.raw:  # dense: its bytes start at its first element
+            try:
+                bits = pa.foreign_buffer(value.data_ptr(), entry.nbytes, value)
+            except RuntimeError:  # no storage (functorch wrappers): the full path says so
+                return None
+        else:
+            bits = _numpy_or_none(value)
+            if bits is None:
+                return None
+    if not entry.raw:
+        if kind is np.ndarray:
+            if entry.perm is not None:
+                bits = bits.transpose(entry.perm)
+            bits = pa.py_buffer(bits)
+        node.send_output(
+            output_id, pa.Array.from_buffers(entry.arrow_type, entry.length, [None, bits]), meta
+        )
+        return INLINE
+    if entry.perm is not None:
+        bits = bits.transpose(entry.perm)
+    try:
+        with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
+            _tensor.write_into(sample, bits)
+    except NotImplementedError:  # dora.testing.MockNode: nothing was sent
+        state.no_raw_samples()
+        return None
+    return RAW
+
+
+def _numpy_or_none(t: Any) -> np.ndarray | None:
+    """``t.numpy()``: its bits with its strides, or None when torch refuses (autograd, other
+    devices, conjugate or negative views, dtypes numpy lacks): the full path says why."""
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError, ValueError):
+        return None
+
+
+def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | None:
+    """Decide for ``value`` as the full path would; an entry when that is one plain message.
+
+    Inline: a dense tensor. Raw: compaction of a native-order payload (a byte swap, rare,
+    keeps the full path). A torch tensor that is not a plain CPU view (a device, conjugate
+    or negative bits, whose resolved copy has a layout of its own) teaches nothing; complex
+    torch tensors, whose conjugate bit would need a check per message, keep the full path.
+    """
+    if type(value) is not np.ndarray and (
+        not value.is_cpu or value.is_neg() or value.is_conj() or value._is_zerotensor()
+    ):
+        return None  # not remembered: the next plain tensor of this layout learns it
+    try:
+        p = _tensor.plan(value)
+        routes = decide(state.facts, tensor_payload(state, value, p))
+    except ArrowTensorError:  # the full path raises it; the next tensor may be fine
+        return None
+    raw = routes[0] == RAW and p.source.dtype.isnative
+    inline = routes[0] == INLINE and not p.needs_copy
+    complex_torch = p.header.framework == "torch" and p.header.dtype.name.startswith("complex")
+    entry = None
+    if (raw or inline) and p.nbytes and not complex_torch:
+        width = 1 if raw else p.header.dtype.storage.itemsize
+        if p.nbytes >= RAW_MIN_BYTES:  # the one pool check of this layout on this output
+            check_pool(state, message_bytes(p.nbytes, width))
+        perm = p.header.perm
+        entry = _FastSend(
+            raw=raw,
+            arrow_type=_tensor.storage_type(p.header.dtype.storage),
+            length=p.header.numel if raw else p.nbytes // width,
+            nbytes=p.nbytes,
+            perm=None if _layout.is_identity(perm) else perm,
+            metadata=p.header.to_metadata(),
+        )
+    return state.fast.remember(key, entry)
+
+
+# Loans ----------------------------------------------------------------------------------
+def loan(
+    node: Any, output_id: str, shape: Sequence[int], dtype: Any, framework: str | None = None
+) -> Any:
+    """A writable tensor in ``output_id``'s shared-memory pool (see ``arrow_tensor.pool``).
+
+    Where the pool cannot reach every receiver (``facts.shm_reason``), an ordinary private
+    tensor: the code stays the same and the value travels as a message.
+    """
+    state = state_of(node, output_id)
+    if state.facts.shm_reason is not None:
+        return private_tensor(shape, dtype, framework)
+    return state.shm_pool().loan(shape, dtype, framework)
