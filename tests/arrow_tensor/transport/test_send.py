@@ -251,6 +251,28 @@ def test_chunked_bytes_exact_for_any_layout(
     np.testing.assert_array_equal(got, x)
 
 
+@pytest.mark.parametrize("layout", ["non_dense", "dense"])
+def test_chunks_are_compacted_by_the_threaded_copy(
+    small_cap: int, layout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each chunk is written by the codec's one copy, on torch's threads where they pay."""
+    from arrow_tensor.codec import _torch
+
+    copies: list[int] = []
+    real = _torch.copy_bits
+    monkeypatch.setattr(_codec, "PARALLEL_COPY_BYTES", 0)
+    monkeypatch.setattr(_torch, "threads", lambda: 2)  # as on any multi-core machine
+    monkeypatch.setattr(_torch, "copy_bits", lambda d, s: copies.append(s.nbytes) or real(d, s))
+    base = np.random.default_rng(1).standard_normal((400, 80)).astype(np.float32)
+    x = base[:, ::2] if layout == "non_dense" else base
+    node = DoraLikeNode([])
+    assert send(node, "out", x) == "chunked"
+    assert len(copies) == len(node.sent) >= 2
+    assert sum(copies) == x.nbytes
+    (got,) = _deliver(node, Receiver())
+    np.testing.assert_array_equal(got, x)
+
+
 def _chunk_messages(x: np.ndarray) -> list[tuple[pa.Array, dict]]:
     node = DoraLikeNode([])
     assert send(node, "out", x) == "chunked"
