@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -37,6 +39,16 @@ def load_example_node(name: str) -> ModuleType:
     return module
 
 
+def test_the_default_picture_lands_where_git_ignores_it(tmp_path: Path) -> None:
+    """`make example` must not leave an untracked file in the user's checkout (the default
+    path itself is what the dataflow test below uses)."""
+    if shutil.which("git") is None or not (EXAMPLE.parents[1] / ".git").exists():
+        pytest.skip("not a git checkout")
+    target = EXAMPLE / "out" / "latest_frame.png"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=EXAMPLE)
+    assert ignored.returncode == 0, f"{target} would show up as untracked"
+
+
 def test_png_writer_and_box_drawing(tmp_path: Path) -> None:
     image = pytest.importorskip("matplotlib.image")
     sink = load_example_node("sink")
@@ -54,14 +66,14 @@ def test_png_writer_and_box_drawing(tmp_path: Path) -> None:
 def test_every_frame_comes_back_once_in_order_with_its_metadata(
     tmp_path: Path, run_dora: Any
 ) -> None:
-    report_path, png_path = tmp_path / "report.json", tmp_path / "latest.png"
+    # OUTPUT_PNG left at its default: relative to the dataflow's folder, under out/.
+    report_path, png_path = tmp_path / "report.json", tmp_path / "out" / "latest_frame.png"
     env = {
         "FRAMES": str(FRAMES),
         "FPS": "20",
         "WIDTH": str(WIDTH),
         "HEIGHT": str(HEIGHT),
         "REPORT": str(report_path),
-        "OUTPUT_PNG": str(png_path),
     }
     run = run_dora(dataflow_in(tmp_path), env=env, cwd=tmp_path, timeout=280)
     log = run.stdout[-4000:] + run.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 Inputs: ``detections`` ({"boxes", "scores", "labels"} per frame, with the frame's metadata)
 and ``frame`` (the camera's images, to draw on). Env: OUTPUT_PNG (default
-``latest_frame.png``, next to the dataflow), SCORE_THRESHOLD (boxes drawn and printed,
+``out/latest_frame.png``, under the dataflow's folder; ``out/`` is git-ignored), SCORE_THRESHOLD (boxes drawn and printed,
 default 0.5), REPORT (optional path of a JSON report: every
 frame id received in order, its metadata, its number of boxes, latency statistics).
 """
@@ -35,6 +35,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
     png += chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_bytes(png)
 
 
@@ -55,7 +56,7 @@ def draw_boxes(rgb: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> np.nda
 
 def main() -> None:
     """Print one line per frame; at the end latency statistics, the PNG and the report."""
-    png_path = setting("OUTPUT_PNG", text, "latest_frame.png")
+    png_path = setting("OUTPUT_PNG", text, "out/latest_frame.png")
     report_path = setting("REPORT", text, "")
     threshold = setting("SCORE_THRESHOLD", number(minimum=0, maximum=1), 0.5)
     node = Node()
