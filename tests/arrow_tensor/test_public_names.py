@@ -92,3 +92,14 @@ def test_every_setting_a_message_names_is_read_somewhere() -> None:
     named = {m for _, text in _strings() for m in re.findall(r"\bARROW_TENSOR_[A-Z_]+\b", text)}
     assert read, "no setting is read?"
     assert named - read == set(), "settings named in messages but read nowhere"
+
+
+def test_architecture_names_only_notes_and_modules_that_exist() -> None:
+    text = (PACKAGE.parents[1] / "ARCHITECTURE.md").read_text()
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+    notes = {" ".join(n.split()) for n in re.findall(r"Note \[[^\]]+\]", text)} - {"Note [...]"}
+    assert notes, "ARCHITECTURE.md points to no Note"
+    assert {n for n in notes if n not in source} == set()
+    modules = {m for m in re.findall(r"`(_[a-z_]+)`", text)}
+    files = {p.stem for p in PACKAGE.rglob("_*.py")}
+    assert modules - files - {"_errors"} <= {"_EXECUTORS"}

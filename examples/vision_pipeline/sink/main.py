@@ -2,9 +2,10 @@
 
 Inputs: ``detections`` ({"boxes", "scores", "labels"} per frame, with the frame's metadata)
 and ``frame`` (the camera's images, to draw on). Env: OUTPUT_PNG (default
-``out/latest_frame.png``, under the dataflow's folder; ``out/`` is git-ignored), SCORE_THRESHOLD (boxes drawn and printed,
-default 0.5), REPORT (optional path of a JSON report: every
-frame id received in order, its metadata, its number of boxes, latency statistics).
+``out/latest_frame.png`` under the dataflow's folder; ``out/`` is git-ignored),
+SCORE_THRESHOLD (boxes drawn and printed, default 0.5), REPORT (optional path of a JSON
+report: every frame id received in order, its metadata, its number of boxes, latency
+statistics).
 """
 
 from __future__ import annotations

@@ -300,9 +300,13 @@ def test_every_decision_keeps_the_rules(
         )
         return
     if SHM in routes:
-        assert facts.shm_reason is None and payload.nbytes > 0 and payload.kind == "tensor"
+        assert facts.shm_reason is None
+        assert payload.nbytes > 0
+        assert payload.kind == "tensor"
     if RAW in routes:
-        assert facts.raw and not checksum and payload.kind == "tensor"
+        assert facts.raw
+        assert not checksum
+        assert payload.kind == "tensor"
         assert message_bytes(payload.nbytes, 1) <= facts.message_cap
     if INLINE in routes and forced is None:
         width = 1 if payload.needs_copy and payload.kind == "tensor" else payload.width
