@@ -9,7 +9,8 @@ import numpy as np
 
 from ..._errors import UnsupportedTensorError
 from ...codec import _dtypes
-from ._device import ArrayInfo, DeviceId, Export
+from ...codec._schema import TensorHeader
+from ._device import ArrayInfo, DeviceId, DeviceSpan, Export
 from ._runtime import Runtime
 
 
@@ -106,24 +107,16 @@ class CupyCudaBackend:
         with self.cupy.cuda.Device(ordinal):
             self.cupy.cuda.get_current_stream().synchronize()
 
-    def build(
-        self,
-        framework: str,
-        ptr: int,
-        nbytes: int,
-        owner: object,
-        entry: _dtypes.DType,
-        physical: tuple[int, ...],
-        inverse: Sequence[int],
-        ordinal: int,
-    ) -> Any:
+    def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
         """A cupy array over the mapped bytes (``UnownedMemory`` keeps ``owner`` alive)."""
+        entry = header.dtype
         if entry.numpy is None:
             raise UnsupportedTensorError(f"cupy has no dtype {entry.name}; decode it with torch")
         cp = self.cupy
-        mem = cp.cuda.UnownedMemory(ptr, nbytes, owner, ordinal)
-        flat = cp.ndarray((nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
-        return flat.view(entry.numpy_dtype).reshape(physical).transpose(list(inverse))
+        mem = cp.cuda.UnownedMemory(span.ptr, span.nbytes, span.owner, span.ordinal)
+        flat = cp.ndarray((span.nbytes,), dtype=cp.uint8, memptr=cp.cuda.MemoryPointer(mem, 0))
+        physical = flat.view(entry.numpy_dtype).reshape(header.physical_shape)
+        return physical.transpose(header.inverse_perm)
 
     def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:
         """Device-to-host copy."""

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ...codec import _dtypes
+from ...codec._schema import TensorHeader
 
 IPC_HANDLE_SIZE = 64
 NO_EVENT = bytes(IPC_HANDLE_SIZE)
@@ -64,6 +65,16 @@ class Export:
     device: DeviceId
     keepalive: Any
     on_release: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class DeviceSpan:
+    """Bytes ``[ptr, ptr + nbytes)`` of device ``ordinal``, alive while ``owner`` is."""
+
+    ptr: int
+    nbytes: int
+    ordinal: int
+    owner: object = None
 
 
 @dataclass(frozen=True)
@@ -119,18 +130,12 @@ class CudaBackend(Protocol):
         """Wait until this process's current stream on ``ordinal`` is idle."""
         ...
 
-    def build(
-        self,
-        framework: str,
-        ptr: int,
-        nbytes: int,
-        owner: object,
-        entry: _dtypes.DType,
-        physical: tuple[int, ...],
-        inverse: Sequence[int],
-        ordinal: int,
-    ) -> Any:
-        """A zero-copy array over ``[ptr, ptr + nbytes)`` that keeps ``owner`` alive."""
+    def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
+        """A zero-copy array of ``header``'s framework, dtype and layout over ``span``.
+
+        The bytes are the dense C-ordered array of ``header.physical_shape``; the result is
+        its transpose by ``header.inverse_perm``, and it keeps ``span.owner`` alive.
+        """
         ...
 
     def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:

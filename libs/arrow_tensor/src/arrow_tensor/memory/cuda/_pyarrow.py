@@ -9,7 +9,8 @@ import numpy as np
 
 from ..._errors import CudaUnavailableError
 from ...codec import _dtypes
-from ._device import NO_EVENT, ArrayInfo, Export
+from ...codec._schema import TensorHeader
+from ._device import NO_EVENT, ArrayInfo, DeviceSpan, Export
 from ._runtime import Runtime
 
 
@@ -89,19 +90,10 @@ class PyarrowCudaBackend:
     def synchronize(self, ordinal: int) -> None:
         """Arrow's copies are synchronous: nothing to wait for."""
 
-    def build(
-        self,
-        framework: str,
-        ptr: int,
-        nbytes: int,
-        owner: object,
-        entry: _dtypes.DType,
-        physical: tuple[int, ...],
-        inverse: Sequence[int],
-        ordinal: int,
-    ) -> Any:
+    def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
         """A ``CudaBuffer`` over the tensor's bytes (dense, in its dimension order)."""
-        return self.pacuda.Context(ordinal).foreign_buffer(ptr, nbytes, base=owner)
+        context = self.pacuda.Context(span.ordinal)
+        return context.foreign_buffer(span.ptr, span.nbytes, base=span.owner)
 
     def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:
         """Device-to-host copy."""

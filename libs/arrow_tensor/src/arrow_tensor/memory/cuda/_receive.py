@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..._errors import CudaUnavailableError, MetadataError, PayloadError, StaleHandleError
-from ...codec import _checksum, _layout, _schema
+from ...codec import _checksum, _schema
 from ...codec._tensor import view_tensor
 from .._blocks import (
     KIND_CUDA,
@@ -31,7 +31,7 @@ from .._blocks import (
 from .._slots import ReceiverSlots
 from . import _handles
 from ._descriptor import parse_descriptor
-from ._device import CudaBackend
+from ._device import CudaBackend, DeviceSpan
 from ._select import backend_for_receiver
 
 _mapped: dict[str, MappedBlock] = {}
@@ -179,16 +179,7 @@ def decode_cuda(
     if target == "cpu":
         del hold  # the copy is private: the producer's memory is released now
         return _host_tensor(header, host)
-    tensor = backend.build(
-        header.framework,
-        ptr,
-        header.nbytes,
-        hold,
-        header.dtype,
-        header.physical_shape,
-        _layout.inverse(header.perm),
-        ordinal,
-    )
+    tensor = backend.build(DeviceSpan(ptr, header.nbytes, ordinal, hold), header)
     del hold  # from here on, only the tensor (and its views) keep the memory
     if target is not None and target != ordinal:
         return _to_device(tensor, target)

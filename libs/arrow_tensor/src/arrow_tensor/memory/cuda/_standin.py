@@ -24,8 +24,9 @@ import numpy as np
 
 from ..._errors import CudaUnavailableError, UnsupportedTensorError
 from ...codec import _dtypes
+from ...codec._schema import TensorHeader
 from .._slots import pid_alive
-from ._device import IPC_HANDLE_SIZE, ArrayInfo, DeviceId, Export
+from ._device import IPC_HANDLE_SIZE, ArrayInfo, DeviceId, DeviceSpan, Export
 
 STANDIN_UUID = "STANDIN-00000000-0000-0000-0000-000000000000"
 STANDIN_PREFIX = "at-standin-"
@@ -242,20 +243,11 @@ class HostStandIn:
     def synchronize(self, ordinal: int) -> None:
         """Nothing runs asynchronously on the host."""
 
-    def build(
-        self,
-        framework: str,
-        ptr: int,
-        nbytes: int,
-        owner: object,
-        entry: _dtypes.DType,
-        physical: tuple[int, ...],
-        inverse: Sequence[int],
-        ordinal: int,
-    ) -> np.ndarray:
+    def build(self, span: DeviceSpan, header: TensorHeader) -> np.ndarray:
         """A read-only numpy view whose base chain keeps ``owner`` alive."""
-        raw = np.asarray(_HostOwner(ptr, nbytes, owner))
-        out = raw.view(entry.bits_view).reshape(physical).transpose(list(inverse))
+        raw = np.asarray(_HostOwner(span.ptr, span.nbytes, span.owner))
+        out = raw.view(header.dtype.bits_view).reshape(header.physical_shape)
+        out = out.transpose(header.inverse_perm)
         out.flags.writeable = False
         return out
 

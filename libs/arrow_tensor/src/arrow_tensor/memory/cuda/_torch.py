@@ -9,7 +9,8 @@ import numpy as np
 
 from ..._errors import CudaUnavailableError, UnsupportedTensorError
 from ...codec import _dtypes
-from ._device import IPC_HANDLE_SIZE, NO_EVENT, ArrayInfo, DeviceId, Export
+from ...codec._schema import TensorHeader
+from ._device import IPC_HANDLE_SIZE, NO_EVENT, ArrayInfo, DeviceId, DeviceSpan, Export
 from ._runtime import CaiOwner, Runtime
 
 
@@ -130,25 +131,16 @@ class TorchCudaBackend:
         """Current stream idle: nothing of ours still reads the producer's memory."""
         self.torch.cuda.current_stream(ordinal).synchronize()
 
-    def build(
-        self,
-        framework: str,
-        ptr: int,
-        nbytes: int,
-        owner: object,
-        entry: _dtypes.DType,
-        physical: tuple[int, ...],
-        inverse: Sequence[int],
-        ordinal: int,
-    ) -> Any:
-        """A torch (or cupy) array over the mapped bytes, reinterpreted via a byte view."""
+    def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
+        """A torch tensor over the mapped bytes, reinterpreted via a byte view."""
         torch = self.torch
-        dtype = _dtypes.torch_dtype(entry)
+        dtype = _dtypes.torch_dtype(header.dtype)
         # torch increfs the __cuda_array_interface__ object and decrefs it in the storage's
         # deleter, so ``owner`` lives exactly as long as the last view (no copy: same device).
-        with torch.cuda.device(ordinal):
-            raw = torch.as_tensor(CaiOwner(ptr, nbytes, owner), device=f"cuda:{ordinal}")
-        return raw.view(dtype).view(physical).permute(list(inverse))
+        with torch.cuda.device(span.ordinal):
+            owner = CaiOwner(span.ptr, span.nbytes, span.owner)
+            raw = torch.as_tensor(owner, device=f"cuda:{span.ordinal}")
+        return raw.view(dtype).view(header.physical_shape).permute(header.inverse_perm)
 
     def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:
         """Device-to-host copy."""
