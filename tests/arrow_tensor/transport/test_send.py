@@ -252,10 +252,11 @@ def test_chunked_bytes_exact_for_any_layout(
 
 
 @pytest.mark.parametrize("layout", ["non_dense", "dense"])
-def test_chunks_are_compacted_by_the_threaded_copy(
+def test_non_dense_chunks_are_compacted_by_the_threaded_copy(
     small_cap: int, layout: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each chunk is written by the codec's one copy, on torch's threads where they pay."""
+    """Non-dense row blocks are compacted on torch's threads where they pay; dense chunks
+    are one memcpy each (the receiver copies the previous chunk on the other core)."""
     from arrow_tensor.codec import _torch
 
     copies: list[int] = []
@@ -267,8 +268,12 @@ def test_chunks_are_compacted_by_the_threaded_copy(
     x = base[:, ::2] if layout == "non_dense" else base
     node = DoraLikeNode([])
     assert send(node, "out", x) == "chunked"
-    assert len(copies) == len(node.sent) >= 2
-    assert sum(copies) == x.nbytes
+    assert len(node.sent) >= 2
+    if layout == "non_dense":
+        assert len(copies) == len(node.sent)
+        assert sum(copies) == x.nbytes
+    else:
+        assert copies == []
     (got,) = _deliver(node, Receiver())
     np.testing.assert_array_equal(got, x)
 

@@ -23,10 +23,10 @@ def main() -> None:
             while ev is not None and ev["type"] != "INPUT":
                 ev = node.next(timeout=60)
             assert ev is not None, f"no ack for {name} {i}"
-        memo = _facts.state_of(node, "data").fast
-        fast = any(entry is not None for entry in memo.values())
+        state = _facts.state_of(node, "data")
+        fast = any(_facts.FAST_SENDS[key] is not None for key in state.fast_keys())
         print(f"CASE {name} via {'+'.join(sorted(set(vias)))} fast_entries={fast}", flush=True)
-        memo.clear()  # the next case must learn its own layout
+        state.forget_fast()  # the next case must learn its own layout
     print("SENDER DONE", flush=True)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ import numpy as np
 from .. import config
 from .._errors import ArrowTensorError, PoolExhaustedError, UnsupportedTensorError
 from ..codec import _checksum, _dtypes, _schema
+from ..codec._memo import Memo
 from ..codec._tensor import TensorPlan
 from ._blocks import (
     KIND_HOST,
@@ -456,7 +456,10 @@ def private_tensor(shape: Sequence[int], dtype: Any, framework: str | None = Non
 def dtype_entry(dtype: Any) -> _dtypes.DType:
     """The wire dtype of a numpy dtype, a torch dtype or a wire dtype name."""
     try:
-        return _cached_dtype_entry(dtype)
+        entry = _DTYPE_ENTRIES.get(dtype)
+        if entry is None:
+            entry = _DTYPE_ENTRIES.remember(dtype, _dtype_entry(dtype))
+        return entry
     except ArrowTensorError:  # a dtype without a wire form: its own message
         raise
     except TypeError:  # unhashable, or numpy cannot read it: not a dtype
@@ -465,8 +468,10 @@ def dtype_entry(dtype: Any) -> _dtypes.DType:
         ) from None
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_dtype_entry(dtype: Any) -> _dtypes.DType:
+_DTYPE_ENTRIES: Memo[Any, _dtypes.DType] = Memo(256)
+
+
+def _dtype_entry(dtype: Any) -> _dtypes.DType:
     if isinstance(dtype, str) and dtype in _dtypes.BY_NAME:
         return _dtypes.BY_NAME[dtype]
     if type(dtype).__module__ == "torch":

@@ -10,12 +10,14 @@ and the pool threshold. The descriptor does not change while a dataflow runs, so
 do the facts, with one exception learned by trying: a node whose ``send_output_raw``
 refuses (``dora.testing.MockNode``) has no raw samples, and its facts are replaced once.
 
-The mutable per-output state sits beside the facts in ``OutputState``: the memoized
-decisions of the send fast path, the output's shared-memory pool once it has one, and
-what was already said to the user. This module holds the one registry of such state,
-keyed by the node's ``id`` with the node itself kept in the entry, so an id can never be
-reused while its entry lives; entries of nodes nobody else references any more are
-dropped (and their pools closed) when the registry grows.
+The mutable per-output state sits beside the facts in ``OutputState``: the output's
+shared-memory pool once it has one, and what was already said to the user. This module
+holds the one registry of such state, keyed by the node's ``id`` with the node itself kept
+in the entry, so an id can never be reused while its entry lives; entries of nodes nobody
+else references any more are dropped (and their pools closed) when the registry grows.
+Beside it, ``FAST_SENDS`` memoizes the decision per output and layout for the send fast
+path, one lookup per message; each entry holds its output's state (so its node), and an
+output's entries are dropped when one of its facts changes or it starts to loan.
 """
 
 from __future__ import annotations
@@ -251,8 +253,6 @@ class OutputState:
     node: Any
     """Held so that ``id(node)`` in the registry key cannot be reused while this lives."""
     facts: OutputFacts
-    fast: Memo[tuple[Any, ...], Any] = field(default_factory=lambda: Memo(256))
-    """The send fast path: memoized decisions by (type, dtype, shape, strides)."""
     pool: OutputPool | None = None
     """This output's shared-memory pool, made on first use."""
     said: set[str] = field(default_factory=set)
@@ -264,7 +264,7 @@ class OutputState:
         """Learned: this node refuses raw samples (see Note [Output facts])."""
         if self.facts.raw:
             self.facts = replace(self.facts, raw=False)
-            self.fast.clear()
+            self.forget_fast()
 
     def shm_pool(self) -> OutputPool:
         """The output's pool, made on first use (only when ``facts.shm_reason`` is None)."""
@@ -272,8 +272,18 @@ class OutputState:
             self.pool = OutputPool(
                 _blocks.identity(), self.facts.output_id, self.facts.receiver_ids
             )
-            self.fast.clear()  # sends may now be loans: the fast path steps aside
+            self.forget_fast()  # sends may now be loans: the fast path steps aside
         return self.pool
+
+    def fast_keys(self) -> list[tuple[Any, ...]]:
+        """This output's keys in ``FAST_SENDS``."""
+        node_key, output_id = id(self.node), self.facts.output_id
+        return [k for k in FAST_SENDS if k[0] == node_key and k[1] == output_id]
+
+    def forget_fast(self) -> None:
+        """Drop this output's memoized decisions (a fact changed, or it loans now)."""
+        for key in self.fast_keys():
+            del FAST_SENDS[key]
 
     def warn_once(self, topic: str, text: str) -> None:
         """Tell the user ``text`` once per output and topic, through dora's log if it has one."""
@@ -292,6 +302,8 @@ class OutputState:
 
 _STATES: dict[tuple[int, str], OutputState] = {}
 _SWEEP_AT = 256
+FAST_SENDS: Memo[tuple[Any, ...], Any] = Memo(1024)
+"""The send fast path's memo: (id(node), output, type, dtype, shape, strides) -> entry."""
 
 
 def state_of(node: Any, output_id: str) -> OutputState:
@@ -317,6 +329,7 @@ def _forget_dead_nodes() -> None:
         if sys.getrefcount(node) <= len(keys) + 2:
             for key in keys:
                 state = _STATES.pop(key)
+                state.forget_fast()
                 if state.pool is not None:
                     with contextlib.suppress(Exception):
                         state.pool.close()

@@ -32,15 +32,6 @@ def user_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def is_plain(metadata: Mapping[str, Any]) -> bool:
-    """True when ``user_metadata(metadata)`` would return an equal copy (the fast path)."""
-    return (
-        type(metadata) is dict
-        and KEYS_OK.keys() >= metadata.keys()
-        and PLAIN_TYPES.issuperset(map(type, metadata.values()))
-    )
-
-
 def _check_key(key: Any) -> None:
     if not isinstance(key, str):
         raise MetadataError(f"metadata keys must be str, got {type(key).__name__} {key!r}")

@@ -49,8 +49,8 @@ from ._decide import (
     max_chunk_payload,
     message_bytes,
 )
-from ._facts import OutputState, state_of
-from ._metadata import is_plain, user_metadata
+from ._facts import FAST_SENDS, OutputState, state_of
+from ._metadata import KEYS_OK, PLAIN_TYPES, user_metadata
 
 _EMPTY = pa.array([], pa.uint8())
 
@@ -316,6 +316,8 @@ _EXECUTORS: dict[str, Callable[[OutputState, Outgoing], str | None]] = {
 class _FastSend:
     """A layout ``send`` decided on one output to be one plain dora message."""
 
+    state: OutputState
+    """The output's state: held so the node's id in the key is not reused."""
     raw: bool
     """Compacted into a ``send_output_raw`` sample, else the tensor's own bytes inline."""
     arrow_type: pa.DataType
@@ -340,27 +342,30 @@ def _fast_send(node: Any, output_id: str, value: Any, metadata: Any) -> str | No
     """Send a repeated layout the way the decision chose for it; None: take the full path.
 
     A frame costs microseconds in a node woken by a message, so this is written out: one
-    state lookup, one memo lookup, the per-tensor checks torch needs, one dora call.
+    memo lookup, the per-tensor checks torch needs, one dora call.
     """
     kind = type(value)
     if kind is np.ndarray:
-        key = (kind, value.dtype, value.shape, value.strides)
+        key = (id(node), output_id, kind, value.dtype, value.shape, value.strides)
     elif kind is _torch_tensor():
         # torch's own attributes, cheaper than t.numpy(). Sparse and nested tensors have
         # no strides.
         try:
-            key = (kind, value.dtype, value.shape, value.stride())
+            key = (id(node), output_id, kind, value.dtype, value.shape, value.stride())
         except RuntimeError:
             return None
     else:
         return None
-    state = state_of(node, output_id)
-    if state.pool is not None:  # this output loans: the full path knows a loaned tensor
-        return None
-    entry = state.fast.get(key, _UNSEEN)
+    entry = FAST_SENDS.get(key, _UNSEEN)
     if entry is _UNSEEN:
-        entry = _learn(state, value, key)
-    if entry is None or (metadata and not is_plain(metadata)):
+        entry = _learn(state_of(node, output_id), value, key)
+    if entry is None:
+        return None
+    if metadata and not (  # user_metadata would return an equal copy: take it as it is
+        type(metadata) is dict
+        and KEYS_OK.keys() >= metadata.keys()
+        and PLAIN_TYPES.issuperset(map(type, metadata.values()))
+    ):
         return None
     meta = {**entry.metadata, **metadata} if metadata else entry.metadata.copy()
     bits = value
@@ -393,7 +398,7 @@ def _fast_send(node: Any, output_id: str, value: Any, metadata: Any) -> str | No
         with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
             _tensor.write_into(sample, bits)
     except NotImplementedError:  # dora.testing.MockNode: nothing was sent
-        state.no_raw_samples()
+        entry.state.no_raw_samples()
         return None
     return RAW
 
@@ -415,6 +420,8 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
     or negative bits, whose resolved copy has a layout of its own) teaches nothing; complex
     torch tensors, whose conjugate bit would need a check per message, keep the full path.
     """
+    if state.pool is not None:  # this output loans: the full path knows a loaned tensor
+        return FAST_SENDS.remember(key, None)
     if type(value) is not np.ndarray and (
         not value.is_cpu or value.is_neg() or value.is_conj() or value._is_zerotensor()
     ):
@@ -434,6 +441,7 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
             check_pool(state, message_bytes(p.nbytes, width))
         perm = p.header.perm
         entry = _FastSend(
+            state=state,
             raw=raw,
             arrow_type=_tensor.storage_type(p.header.dtype.storage),
             length=p.header.numel if raw else p.nbytes // width,
@@ -441,7 +449,7 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
             perm=None if _layout.is_identity(perm) else perm,
             metadata=p.header.to_metadata(),
         )
-    return state.fast.remember(key, entry)
+    return FAST_SENDS.remember(key, entry)
 
 
 # Loans ----------------------------------------------------------------------------------
