@@ -113,7 +113,9 @@ LAYOUTS = {
     "stepped": lambda x: x[:, ::2],
     "negative": lambda x: x[::-1],
     "offset_view": lambda x: x[1:],
-    "expanded": lambda x: _cuda_backend.StandInArray(np.broadcast_to(x.view[:1], x.shape), x.block),
+    "expanded": lambda x: _cuda_backend.StandInArray(
+        np.broadcast_to(x.view[:1], x.shape), x.block, x.storage
+    ),
     "scalar": lambda x: x[0, 0, 0],
     "empty": lambda x: x[:, :0],
 }

@@ -44,6 +44,7 @@ from ._slots import (
     ReceiverSlots,
     block_words,
     pid_alive,
+    pid_running,
     receiver_key,
 )
 
@@ -196,7 +197,7 @@ def sweep_orphans(ident: Identity) -> list[str]:
 
 def gone_message(name: str, pid: int) -> str:
     """Why a handle to the block ``name`` of producer ``pid`` cannot be read any more."""
-    state = "is alive" if pid_alive(pid) else "has exited or crashed"
+    state = "is alive" if pid_running(pid) else "has exited or crashed"
     return (
         f"block {name} no longer exists (its producer, pid {pid}, {state}); this message "
         f"cannot be read"

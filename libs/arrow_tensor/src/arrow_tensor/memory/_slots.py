@@ -96,7 +96,8 @@ def receiver_key(node_id: str) -> int:
 
 
 def pid_alive(pid: int) -> bool:
-    """True unless no process ``pid`` exists (same-machine liveness of a peer)."""
+    """True unless no process ``pid`` exists (same-machine liveness of a peer; cheap: one
+    syscall, for the slot bookkeeping that asks often). A zombie counts as alive here."""
     if pid <= 0:
         return False
     try:
@@ -106,6 +107,25 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def pid_running(pid: int) -> bool:
+    """True while process ``pid`` exists and has not exited.
+
+    A zombie (exited, not yet reaped by its parent) still answers ``kill(pid, 0)``; on
+    Linux its state in ``/proc/<pid>/stat`` says so. Asked where a wrong answer would
+    mislabel an error (a producer that is gone), not on the bookkeeping's hot paths.
+    """
+    if not pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:  # no /proc (not Linux), or it just went away
+        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
+    # The state follows the parenthesized command name, which may itself hold ")".
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    return state not in (b"Z", b"X")
 
 
 def block_words(n_slots: int, n_receivers: int) -> int:

@@ -29,7 +29,7 @@ from ..codec import _layout, _schema, _tensor, _tree
 from ..codec._tensor import TensorPlan
 from ..memory._blocks import ANONYMOUS
 from ..memory._host_pool import private_tensor
-from ..memory.cuda._ipc import encode_cuda, legacy_ipc_problem, to_host
+from ..memory.cuda._ipc import encode_cuda, legacy_ipc_problem, to_host, withdraw
 from ..memory.cuda._select import is_device_array
 from . import _chunks
 from ._advice import check_pool, host_path
@@ -210,7 +210,11 @@ def _send_cuda(state: OutputState, out: Outgoing) -> str | None:
         host_path(state, str(exc))
         return None
     meta.update(out.extra)
-    state.node.send_output(state.facts.output_id, array, meta)
+    try:
+        state.node.send_output(state.facts.output_id, array, meta)
+    except BaseException:
+        withdraw(meta)  # its memory goes back to the allocator now, not after a lease
+        raise
     return CUDA_IPC
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..._errors import UnsupportedTensorError
+from ..._errors import CudaUnavailableError, UnsupportedTensorError
 from ...codec import _dtypes
 from ...codec._schema import TensorHeader
 from ._device import ArrayInfo, DeviceId, DeviceSpan, Export
@@ -40,27 +41,25 @@ class CupyCudaBackend:
         return dense.transpose(inverse)
 
     def export(self, x: Any) -> Export:
-        """``cudaIpcGetMemHandle`` of the block base; event recorded on the current stream."""
-        with self.cupy.cuda.Device(x.device.id):
+        """``cuIpcGetMemHandle`` of the block base; event recorded on the current stream."""
+        ordinal = x.device.id
+        rt = Runtime.get()
+        with self.cupy.cuda.Device(ordinal), _typed(self.cupy):
             low = x.data.ptr + sum(
                 (n - 1) * s for n, s in zip(x.shape, x.strides, strict=True) if s < 0 and n
             )
-            base, size = Runtime.get().address_range(low)
-            handle = bytes(self.rt.ipcGetMemHandle(base))
+            base, size = rt.address_range(low, ordinal)
+            handle = rt.ipc_get(base, ordinal)
             event = self.cupy.cuda.Event(block=False, disable_timing=True, interprocess=True)
             event.record()
             event_handle = bytes(self.rt.ipcGetEventHandle(event.ptr))
-        return Export(
-            handle,
-            low - base,
-            size,
-            event_handle,
-            self._device(x.device.id),
-            keepalive=(x, event),
-        )
+            device = self._device(ordinal)
+        return Export(handle, low - base, size, event_handle, device, keepalive=(x, event))
 
     def _device(self, ordinal: int) -> DeviceId:
-        props = self.rt.getDeviceProperties(ordinal)
+        with _typed(self.cupy):
+            props = self.rt.getDeviceProperties(ordinal)
+            pci = self.rt.deviceGetPCIBusId(ordinal).lower()
         raw = props.get("uuid", b"")
         hexed = raw.hex() if isinstance(raw, bytes) else str(raw)
         uuid = (
@@ -68,7 +67,6 @@ class CupyCudaBackend:
             if len(hexed) == 32
             else f"GPU-{hexed}"
         )
-        pci = self.rt.deviceGetPCIBusId(ordinal).lower()
         return DeviceId(uuid, pci, ordinal)
 
     def local_device(self, uuid: str, pci_bus_id: str) -> int | None:
@@ -83,19 +81,18 @@ class CupyCudaBackend:
         return None
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
-        """``cudaIpcOpenMemHandle`` on ``ordinal``."""
-        with self.cupy.cuda.Device(ordinal):
-            ptr = self.rt.ipcOpenMemHandle(handle)
-            return Runtime.get().address_range(ptr)
+        """``cuIpcOpenMemHandle`` in the primary context CuPy uses for ``ordinal``."""
+        rt = Runtime.get()
+        ptr = rt.ipc_open(handle, ordinal)
+        return rt.address_range(ptr, ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
-        """``cudaIpcCloseMemHandle``."""
-        with self.cupy.cuda.Device(ordinal):
-            self.rt.ipcCloseMemHandle(base)
+        """``cuIpcCloseMemHandle``."""
+        Runtime.get().ipc_close(base, ordinal)
 
     def wait_event(self, event: bytes, ordinal: int) -> None:
         """Open the producer's event, make the current stream wait, drop our handle to it."""
-        with self.cupy.cuda.Device(ordinal):
+        with self.cupy.cuda.Device(ordinal), _typed(self.cupy):
             ev = self.rt.ipcOpenEventHandle(event)
             try:
                 self.rt.streamWaitEvent(self.cupy.cuda.get_current_stream().ptr, ev, 0)
@@ -103,9 +100,9 @@ class CupyCudaBackend:
                 self.rt.eventDestroy(ev)
 
     def synchronize(self, ordinal: int) -> None:
-        """Current stream idle."""
-        with self.cupy.cuda.Device(ordinal):
-            self.cupy.cuda.get_current_stream().synchronize()
+        """Every stream of ``ordinal`` idle (see ``TorchCudaBackend.synchronize``)."""
+        with self.cupy.cuda.Device(ordinal), _typed(self.cupy):
+            self.cupy.cuda.Device(ordinal).synchronize()
 
     def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
         """A cupy array over the mapped bytes (``UnownedMemory`` keeps ``owner`` alive)."""
@@ -119,8 +116,20 @@ class CupyCudaBackend:
         return physical.transpose(header.inverse_perm)
 
     def to_host(self, ptr: int, nbytes: int, ordinal: int) -> np.ndarray:
-        """Device-to-host copy."""
+        """Device-to-host copy on the current stream (ordered after the event wait)."""
         out = np.empty(nbytes, dtype=np.uint8)
-        with self.cupy.cuda.Device(ordinal):
-            self.rt.memcpy(out.ctypes.data, ptr, nbytes, self.rt.memcpyDeviceToHost)
+        with self.cupy.cuda.Device(ordinal), _typed(self.cupy):
+            stream = self.cupy.cuda.get_current_stream()
+            kind = self.rt.memcpyDeviceToHost
+            self.rt.memcpyAsync(out.ctypes.data, ptr, nbytes, kind, stream.ptr)
+            stream.synchronize()
         return out
+
+
+@contextlib.contextmanager
+def _typed(cupy: Any) -> Iterator[None]:
+    """CuPy's own CUDA errors as ``CudaUnavailableError`` (typed, with the call's message)."""
+    try:
+        yield
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise CudaUnavailableError(f"CUDA refused a call of CuPy's: {exc}") from exc

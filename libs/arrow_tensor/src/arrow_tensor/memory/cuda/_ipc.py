@@ -21,6 +21,7 @@ from ... import config
 from ..._errors import PoolExhaustedError, UnsupportedTensorError
 from ...codec import _checksum, _layout, _schema
 from .._blocks import ANONYMOUS, KIND_CUDA, ProducerBlock, identity_or_standalone, notices
+from .._slots import Lease
 from . import _handles
 from ._descriptor import CudaDescriptor
 from ._device import NO_EVENT, ArrayInfo, CudaBackend, Export
@@ -83,6 +84,14 @@ class _InFlight(ProducerBlock):
             self.exports[lease.slot] = export
         seq = self.slots.mark_sent(lease)
         return lease.slot, lease.generation, seq
+
+    def withdraw(self, slot: int, generation: int) -> None:
+        """A slot shared for a message that was never sent: nobody can hold it."""
+        self.slots.unsend(Lease(slot, generation))
+        with self._lock:
+            export = self.exports.pop(slot, None)
+        if export is not None:
+            _finish(export)
 
     def held(self) -> int:
         """Slots whose memory is still referenced for receivers."""
@@ -213,33 +222,50 @@ def encode_cuda(
             header, backend.name, b"", None, 0, 0, _empty_uuid(backend), "", "", 0, 0, 0
         )
         return desc.to_message()
+    table = _table(receivers)  # before the export: from there on, every failure releases it
     export = backend.export(source)
-    table = _table(receivers)
     try:
         slot, generation, seq = table.share(export, wait_s)
     except BaseException:
         _finish(export)
         raise
-    event = None if export.event == NO_EVENT else export.event
-    desc = CudaDescriptor(
-        header,
-        backend.name,
-        export.handle,
-        event,
-        export.offset,
-        export.alloc_size,
-        export.device.uuid,
-        export.device.pci_bus_id,
-        table.name,
-        slot,
-        generation,
-        seq,
-    )
-    array, meta = desc.to_message()
-    if checksum:
-        host = _host_bytes(backend, source, header)
-        meta[_schema.KEY_CHECKSUM] = _checksum.digest(header.describe(), host)
+    try:
+        event = None if export.event == NO_EVENT else export.event
+        desc = CudaDescriptor(
+            header,
+            backend.name,
+            export.handle,
+            event,
+            export.offset,
+            export.alloc_size,
+            export.device.uuid,
+            export.device.pci_bus_id,
+            table.name,
+            slot,
+            generation,
+            seq,
+        )
+        array, meta = desc.to_message()
+        if checksum:
+            host = _host_bytes(backend, source, header)
+            meta[_schema.KEY_CHECKSUM] = _checksum.digest(header.describe(), host)
+    except BaseException:
+        table.withdraw(slot, generation)
+        raise
     return array, meta
+
+
+def withdraw(meta: Mapping[str, Any]) -> None:
+    """Take back a descriptor ``encode_cuda`` made that was never sent (the send failed).
+
+    Its slot is reclaimed and the memory given back to its allocator at once, instead of
+    when the slot's lease runs out.
+    """
+    name = meta.get(_schema.KEY_CUDA_BLOCK)
+    with _tables_lock:
+        tables = [t for t in _tables.values() if t.name == name]
+    for table in tables:
+        table.withdraw(meta[_schema.KEY_CUDA_SLOT], meta[_schema.KEY_CUDA_GENERATION])
 
 
 def _empty_uuid(backend: CudaBackend) -> str:

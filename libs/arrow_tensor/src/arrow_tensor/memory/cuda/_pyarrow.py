@@ -57,12 +57,10 @@ class PyarrowCudaBackend:
     def export(self, x: Any) -> Export:
         """Base and size from the driver, handle of the base, offset of the buffer in it."""
         ordinal = x.context.device_number
-        self.rt.set_device(ordinal)
-        base, size = self.rt.address_range(x.address)
+        base, size = self.rt.address_range(x.address, ordinal)
         x.context.synchronize()
-        return Export(
-            self.rt.ipc_get(base), x.address - base, size, NO_EVENT, self.rt.device(ordinal), x
-        )
+        handle = self.rt.ipc_get(base, ordinal)
+        return Export(handle, x.address - base, size, NO_EVENT, self.rt.device(ordinal), x)
 
     def local_device(self, uuid: str, pci_bus_id: str) -> int | None:
         """Match by UUID first, PCI bus id second."""
@@ -73,19 +71,16 @@ class PyarrowCudaBackend:
         return None
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
-        """``cudaIpcOpenMemHandle``."""
-        self.rt.set_device(ordinal)
-        return self.rt.address_range(self.rt.ipc_open(handle))
+        """``cuIpcOpenMemHandle``."""
+        return self.rt.address_range(self.rt.ipc_open(handle, ordinal), ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
-        """``cudaIpcCloseMemHandle``."""
-        self.rt.set_device(ordinal)
-        self.rt.ipc_close(base)
+        """``cuIpcCloseMemHandle``."""
+        self.rt.ipc_close(base, ordinal)
 
     def wait_event(self, event: bytes, ordinal: int) -> None:
         """Arrow has no streams: block the host until the producer's event completed."""
-        self.rt.set_device(ordinal)
-        self.rt.event_synchronize(event)
+        self.rt.event_synchronize(event, ordinal)
 
     def synchronize(self, ordinal: int) -> None:
         """Arrow's copies are synchronous: nothing to wait for."""

@@ -28,7 +28,7 @@ from .._blocks import (
     identity_or_standalone,
     notices,
 )
-from .._slots import ReceiverSlots
+from .._slots import ReceiverSlots, pid_running
 from . import _handles
 from ._descriptor import parse_descriptor
 from ._device import CudaBackend, DeviceSpan
@@ -147,6 +147,11 @@ def decode_cuda(
     mapped.rx.take(desc.slot, desc.generation, desc.seq)
     try:
         opened = _handles.opened.acquire(backend, desc.device_uuid, desc.handle, ordinal)
+    except CudaUnavailableError:
+        mapped.rx.release(desc.slot, desc.generation)
+        if not pid_running(mapped.producer_pid):  # exited (a zombie answers kill(pid, 0))
+            raise StaleHandleError(gone_message(desc.block, mapped.producer_pid)) from None
+        raise
     except BaseException:
         mapped.rx.release(desc.slot, desc.generation)
         raise
@@ -214,14 +219,26 @@ def _map_tensors(value: Any, ordinal: Any) -> Any:
 
 
 def _parse_device(device: str | None) -> str | int | None:
-    """None, "cpu" or a device ordinal."""
+    """None, "cpu" or a device ordinal (``"cuda"``: this process's current device)."""
     if device is None or device == "cpu":
         return device
     if isinstance(device, str):
         match = re.fullmatch(r"cuda(?::(\d{1,3}))?", device)
         if match:
-            return int(match.group(1) or 0)
+            return int(match.group(1)) if match.group(1) else current_device()
     raise ValueError(f"device must be None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def current_device() -> int:
+    """The CUDA device torch (else CuPy) makes current in this process; 0 without either."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return int(torch.cuda.current_device())
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        with contextlib.suppress(Exception):
+            return int(cupy.cuda.runtime.getDevice())
+    return 0
 
 
 def _host_tensor(header: _schema.TensorHeader, host: np.ndarray) -> Any:

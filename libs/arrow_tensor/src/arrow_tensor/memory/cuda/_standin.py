@@ -27,6 +27,7 @@ from ...codec import _dtypes
 from ...codec._schema import TensorHeader
 from .._slots import pid_alive
 from ._device import IPC_HANDLE_SIZE, ArrayInfo, DeviceId, DeviceSpan, Export
+from ._sharing import EXPANDABLE, MALLOC, export_from_share
 
 STANDIN_UUID = "STANDIN-00000000-0000-0000-0000-000000000000"
 STANDIN_PREFIX = "at-standin-"
@@ -63,9 +64,11 @@ class StandInArray:
     CUDA tensor can have (offsets inside the block, permutations, steps, negative strides).
     """
 
-    def __init__(self, view: np.ndarray, block: _Block) -> None:
+    def __init__(self, view: np.ndarray, block: _Block, storage: tuple[int, int]) -> None:
         self.view = view
         self.block = block
+        self.storage = storage
+        """(offset in the block, bytes) of the allocation this array views: its storage."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,11 +87,11 @@ class StandInArray:
 
     def __getitem__(self, key: Any) -> StandInArray:
         # A trailing Ellipsis keeps integer indexing a 0-d view, never a numpy scalar copy.
-        return StandInArray(self.view[(*np.index_exp[key], Ellipsis)], self.block)
+        return StandInArray(self.view[(*np.index_exp[key], Ellipsis)], self.block, self.storage)
 
     def transpose(self, *axes: int) -> StandInArray:
         """A permuted view, no copy."""
-        return StandInArray(self.view.transpose(*axes), self.block)
+        return StandInArray(self.view.transpose(*axes), self.block, self.storage)
 
     @property
     def T(self) -> StandInArray:
@@ -121,7 +124,7 @@ class StandInAllocator:
             start = block.used
             block.used += rounded
         raw = block.array[start : start + nbytes]
-        return StandInArray(raw.view(dt).reshape(tuple(shape)), block)
+        return StandInArray(raw.view(dt).reshape(tuple(shape)), block, (start, nbytes))
 
     def asarray(self, host: np.ndarray) -> StandInArray:
         """Copy a host array into the pool (C order)."""
@@ -153,12 +156,20 @@ class _HostOwner:
         }
 
 
+HANDLE_FORMATS = ("versioned", "legacy", "expandable")
+"""What ``share_cuda`` hands out, as PyTorch does (Note [Sharing through PyTorch's
+allocator]): ``versioned`` (torch 2.5 and later: version byte, type ``c``, the 64 bytes),
+``legacy`` (torch 2.4 and earlier: the 64 bytes) or ``expandable`` (type ``e``: an
+expandable segment, which legacy IPC cannot open)."""
+REF_COUNTERS = b"/standin_ref_counters"
+
+
 class HostStandIn:
-    """``CudaBackend`` over host shared memory; counts opens, closes and event waits."""
+    """``CudaBackend`` over host shared memory; counts opens, closes, event waits, counters."""
 
     name = "standin"
     ipc_problem: str | None = None
-    """Set by tests to play a device without legacy IPC (e.g. expandable segments)."""
+    """Set by tests to play a device without legacy IPC (e.g. integrated GPUs)."""
 
     def __init__(self, allocator: StandInAllocator | None = None) -> None:
         self.allocator = allocator or StandInAllocator()
@@ -168,6 +179,12 @@ class HostStandIn:
         self.closes = 0
         self.waited: list[bytes] = []
         self._events = itertools.count(1)
+        self.handle_format = "versioned"
+        """One of ``HANDLE_FORMATS``: which PyTorch this stand-in plays."""
+        self.counters: dict[tuple[bytes, int], int] = {}
+        """PyTorch's shared reference counters: taken by ``share_cuda``, given back by
+        ``release_ipc_counter``; one left over is a block in torch's limbo."""
+        self._counter_slots = itertools.count()
 
     def info(self, x: Any) -> ArrayInfo:
         """Facts of a ``StandInArray``."""
@@ -187,20 +204,55 @@ class HostStandIn:
             inverse[p] = i
         return out.transpose(*inverse)
 
+    def share_cuda(self, x: StandInArray) -> tuple[Any, ...]:
+        """What ``UntypedStorage._share_cuda_()`` returns for ``x``'s storage.
+
+        The handle names ``x``'s block (the segment) in ``handle_format``; a reference
+        counter is taken and set to 1, as torch does.
+        """
+        raw = _pad(x.block.name.encode())
+        handle = {
+            "versioned": b"\x02" + MALLOC + raw,
+            "legacy": raw,
+            "expandable": b"\x02" + EXPANDABLE + bytes(24) + (3).to_bytes(4, "little"),
+        }[self.handle_format]
+        counter = (REF_COUNTERS, next(self._counter_slots))
+        self.counters[counter] = 1
+        event = _pad(b"standin-event" + next(self._events).to_bytes(8, "little"))
+        start, nbytes = x.storage
+        return (0, handle, nbytes, start, *counter, event, True)
+
+    def release_ipc_counter(self, handle: bytes, offset: int) -> None:
+        """``UntypedStorage._release_ipc_counter``: one share of the counter given back."""
+        left = self.counters[(handle, offset)] - 1
+        if left:
+            self.counters[(handle, offset)] = left
+        else:
+            del self.counters[(handle, offset)]
+
+    def address_range(self, ptr: int) -> tuple[int, int]:
+        """(base, size) of the block holding ``ptr`` (``cuMemGetAddressRange``)."""
+        for block in self.allocator.blocks:
+            base = block.array.ctypes.data
+            if base <= ptr < base + block.size:
+                return base, block.size
+        raise CudaUnavailableError(f"{ptr:#x} lies in no stand-in block")
+
     def export(self, x: Any) -> Export:
-        """Handle = block name, offset = lowest byte of the (dense) array in the block."""
+        """Through ``share_cuda``, read like PyTorch's (Note [Sharing through PyTorch's
+        allocator]): the segment's handle, the offset of the first element in it."""
         view = x.view
         low = view.__array_interface__["data"][0] + sum(
             (n - 1) * s for n, s in zip(view.shape, view.strides, strict=True) if s < 0 and n
         )
-        offset = low - x.block.array.ctypes.data
-        token = next(self._events).to_bytes(8, "little")
-        return Export(
-            _pad(x.block.name.encode()),
-            offset,
-            x.block.size,
-            _pad(b"standin-event" + token),
-            self.device,
+        storage_start = x.block.array.ctypes.data + x.storage[0]
+        return export_from_share(
+            self.share_cuda(x),
+            first_element_bytes=low - storage_start,
+            data_ptr=low,
+            address_range=self.address_range,
+            release=self.release_ipc_counter,
+            device=self.device,
             keepalive=x,
         )
 
@@ -210,6 +262,8 @@ class HostStandIn:
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
         """Map a block read-only by name, after checking the name is one of ours."""
+        if len(handle) != IPC_HANDLE_SIZE:
+            raise CudaUnavailableError(f"a legacy IPC handle is 64 bytes, got {len(handle)}")
         name = handle.rstrip(b"\0").decode("ascii", "replace")
         if not name.startswith(STANDIN_PREFIX) or "/" in name:
             raise CudaUnavailableError(f"stand-in handle {name[:40]!r} names no stand-in block")

@@ -10,8 +10,9 @@ import numpy as np
 from ..._errors import CudaUnavailableError, UnsupportedTensorError
 from ...codec import _dtypes
 from ...codec._schema import TensorHeader
-from ._device import IPC_HANDLE_SIZE, NO_EVENT, ArrayInfo, DeviceId, DeviceSpan, Export
+from ._device import ArrayInfo, DeviceId, DeviceSpan, Export
 from ._runtime import CaiOwner, Runtime
+from ._sharing import export_from_share
 
 
 class TorchCudaBackend:
@@ -49,41 +50,31 @@ class TorchCudaBackend:
         return t.permute(list(perm)).contiguous().permute(inverse)
 
     def export(self, x: Any) -> Export:
-        """Through PyTorch's own IPC sharing (block base, offset, interprocess event)."""
-        storage = x.untyped_storage()
-        try:
-            (_dev, handle, _size, storage_offset, rc_handle, rc_offset, event, sync) = (
-                storage._share_cuda_()
-            )
-        except RuntimeError as exc:
-            raise CudaUnavailableError(
-                f"PyTorch cannot share this CUDA memory over legacy IPC ({exc}); "
-                f"memory received from another process must be cloned before re-sending"
-            ) from exc
-        if not isinstance(handle, bytes) or len(handle) != IPC_HANDLE_SIZE:
-            raise CudaUnavailableError(
-                "this allocation has no legacy CUDA IPC handle (PyTorch expandable segments "
-                "or another VMM allocator); use the host path"
-            )
+        """Through PyTorch's own IPC sharing (Note [Sharing through PyTorch's allocator])."""
+        torch = self.torch
         ordinal = x.device.index
-        _base, size = Runtime.get().address_range(x.data_ptr())
-        offset = storage_offset + x.storage_offset() * x.element_size()
-        release_counter = self.torch.UntypedStorage._release_ipc_counter
-
-        def on_release() -> None:
-            # _share_cuda_ set PyTorch's own counter to 1 and parked the block in its limbo;
-            # our receivers never touch that counter, so the producer returns it here.
-            release_counter(rc_handle, rc_offset, device=ordinal)
-
-        return Export(
-            handle,
-            offset,
-            size,
-            event if sync else NO_EVENT,
-            self._device(ordinal),
-            keepalive=x,
-            on_release=on_release,
-        )
+        # Everything that can fail before the share goes first: once _share_cuda_ took
+        # torch's counter, only export_from_share (which releases it on failure) may raise.
+        device, runtime = self._device(ordinal), Runtime.get()
+        release_counter = torch.UntypedStorage._release_ipc_counter
+        with torch.cuda.device(ordinal):  # the driver call runs in the tensor's own context
+            try:
+                share = x.untyped_storage()._share_cuda_()
+            except RuntimeError as exc:  # cudaMallocAsync, memory not from the allocator...
+                raise CudaUnavailableError(
+                    f"PyTorch cannot share this CUDA memory over legacy IPC "
+                    f"({str(exc).splitlines()[0][:200]}); memory received from another "
+                    f"process must be cloned before re-sending"
+                ) from None
+            return export_from_share(
+                share,
+                first_element_bytes=x.storage_offset() * x.element_size(),
+                data_ptr=x.data_ptr(),
+                address_range=lambda ptr: runtime.address_range(ptr, ordinal),
+                release=lambda handle, offset: release_counter(handle, offset, device=ordinal),
+                device=device,
+                keepalive=x,
+            )
 
     def _device(self, ordinal: int) -> DeviceId:
         props = self.torch.cuda.get_device_properties(ordinal)
@@ -109,17 +100,15 @@ class TorchCudaBackend:
         return None
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
-        """``cudaIpcOpenMemHandle`` after making sure CUDA is initialised on ``ordinal``."""
+        """``cuIpcOpenMemHandle`` in the primary context torch uses for ``ordinal``."""
         self.torch.cuda.init()
-        with self.torch.cuda.device(ordinal):
-            rt = Runtime.get()
-            ptr = rt.ipc_open(handle)
-            return rt.address_range(ptr)
+        rt = Runtime.get()
+        ptr = rt.ipc_open(handle, ordinal)
+        return rt.address_range(ptr, ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
-        """``cudaIpcCloseMemHandle``."""
-        with self.torch.cuda.device(ordinal):
-            Runtime.get().ipc_close(base)
+        """``cuIpcCloseMemHandle``."""
+        Runtime.get().ipc_close(base, ordinal)
 
     def wait_event(self, event: bytes, ordinal: int) -> None:
         """``torch.cuda.Event.from_ipc_handle`` waited on by the current stream."""
@@ -128,8 +117,9 @@ class TorchCudaBackend:
         ev.wait(self.torch.cuda.current_stream(device))
 
     def synchronize(self, ordinal: int) -> None:
-        """Current stream idle: nothing of ours still reads the producer's memory."""
-        self.torch.cuda.current_stream(ordinal).synchronize()
+        """Every stream of ``ordinal`` idle: no kernel of this process, on whatever stream
+        the user ran it, still reads the producer's memory."""
+        self.torch.cuda.synchronize(ordinal)
 
     def build(self, span: DeviceSpan, header: TensorHeader) -> Any:
         """A torch tensor over the mapped bytes, reinterpreted via a byte view."""
