@@ -75,9 +75,19 @@ bench: install
 		--methods raw_dora,at,at_numpy --gap-ms 20 --name cold-$$(date -u +%Y%m%dT%H%M%SZ)
 	$(BIN)/python benchmarks/shm_latency.py
 
-test-gpu: install
-	@if [ -d tests/gpu ]; then $(BIN)/python -m pytest tests/gpu $(PYTEST_ARGS); \
-	else echo "tests/gpu does not exist yet"; exit 1; fi
+# The GPU tests with the interpreter's own CUDA torch (`make test-gpu PYTHON=python3` on a GPU
+# box): a venv that sees PYTHON's packages, so its torch is used and the CPU pin is installed
+# only where PYTHON has no torch at all (the tests then skip, saying why). `-x`: the first
+# failure stops the run; tests/gpu/device_run.sh is the same for a lent machine.
+GPU_VENV := .venv-gpu
+test-gpu:
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	@$(GPU_VENV)/bin/python -c "import torch" 2>/dev/null || \
+	  $(GPU_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(GPU_VENV)/bin/python -m pip install --quiet dora-rs==1.1.0 dora-rs-cli==1.1.0 pyarrow \
+	  numpy pyyaml xxhash pytest pytest-timeout hypothesis
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-deps -e libs/arrow_tensor
+	PATH=$(CURDIR)/$(GPU_VENV)/bin:$$PATH $(GPU_VENV)/bin/python -m pytest tests/gpu -x $(PYTEST_ARGS)
 
 example: install
 	@if [ -f examples/vision_pipeline/dataflow.yml ]; then \

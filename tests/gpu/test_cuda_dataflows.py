@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).parents[2]
 CUDA_NODE = Path(__file__).with_name("cuda_node.py")
@@ -57,7 +57,8 @@ def run(tmp_path: Path, nodes: list[dict[str, Any]], timeout: int = 600) -> dict
         path = Path(node["env"]["REPORT"])
         if path.exists():
             reports[node["id"]] = json.loads(path.read_text())
-    reports["_output"] = done.stdout[-4000:]
+    # Every node's log lines (dora prefixes them with the node id), for failure messages.
+    reports["_output"] = (done.stdout[-6000:] + "\n" + done.stderr[-3000:]).strip()
     return reports
 
 
@@ -89,12 +90,15 @@ def receiver(tmp_path: Path, node_id: str, **env: Any) -> dict[str, Any]:
     }
 
 
-def assert_exact(report: dict[str, Any], minimum: int) -> None:
-    assert report["received"] >= minimum, report  # dora may drop a few at start-up
-    assert report["corrupt"] == 0, report
-    assert report["errors"] == {}, report
-    assert set(report["kinds"]) == {"cuda"}, report  # handles only, never payload bytes
-    assert report["open_handles"] == 0, report  # closed after the last tensor was freed
+def assert_exact(reports: dict[str, Any], name: str, minimum: int) -> None:
+    """Node ``name`` received at least ``minimum`` messages, every one exact, as handles."""
+    assert name in reports, f"node {name} wrote no report:\n{reports['_output']}"
+    report, log = reports[name], reports["_output"]
+    assert report["received"] >= minimum, (report, log)  # dora may drop a few at start-up
+    assert report["corrupt"] == 0, (report, log)
+    assert report["errors"] == {}, (report, log)
+    assert set(report["kinds"]) == {"cuda"}, (report, log)  # handles only, never payloads
+    assert report["open_handles"] == 0, (report, log)  # closed after the last tensor
 
 
 def test_978_stack_of_two_small_cuda_tensors_round_trips_exactly(tmp_path: Path) -> None:
@@ -107,7 +111,7 @@ def test_978_stack_of_two_small_cuda_tensors_round_trips_exactly(tmp_path: Path)
         ],
     )
     assert reports["producer"]["paths"] == {"cuda": 100}, reports["_output"]
-    assert_exact(reports["rx"], 90)
+    assert_exact(reports, "rx", 90)
 
 
 def test_fan_out_to_two_receivers_holding_views(tmp_path: Path) -> None:
@@ -118,8 +122,8 @@ def test_fan_out_to_two_receivers_holding_views(tmp_path: Path) -> None:
     ]
     reports = run(tmp_path, nodes)
     assert reports["producer"]["paths"] == {"cuda": 400}, reports["_output"]
-    assert_exact(reports["left"], 350)
-    assert_exact(reports["right"], 350)
+    assert_exact(reports, "left", 350)
+    assert_exact(reports, "right", 350)
 
 
 def test_a_producer_killed_mid_stream_gives_clear_errors_not_a_crash(tmp_path: Path) -> None:
