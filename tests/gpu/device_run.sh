@@ -45,12 +45,18 @@ print(json.dumps(out, indent=2))
 PY
 cat "$OUT_DIR/env.json"
 
-timeout 120 python3 tests/gpu/smoke.py --seconds 30 --json "$OUT_DIR/smoke.json"
+# What the tests import, said before anything runs (a missing one would fail collection).
+python3 -c "import dora, hypothesis, pytest_timeout, xxhash, yaml, pyarrow, torch" || {
+    echo "device_run: a package is missing (carry its wheel in .whl/)"; exit 4; }
+command -v dora > /dev/null || { echo "device_run: no dora CLI on PATH"; exit 4; }
+
+# Limits add up to 510 s, inside one 600-second call with the set-up.
+timeout 80 python3 tests/gpu/smoke.py --seconds 30 --json "$OUT_DIR/smoke.json"
 smoke=$?
-timeout 420 python3 -m pytest tests/gpu -x -q -p no:cacheprovider \
-    --timeout=300 --junitxml="$OUT_DIR/junit.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
+timeout 330 python3 -m pytest tests/gpu -x -q -p no:cacheprovider \
+    --timeout=240 --junitxml="$OUT_DIR/junit.xml" 2>&1 | tee "$OUT_DIR/pytest.log"
 tests=${PIPESTATUS[0]}
-timeout 150 python3 tests/gpu/bench_ipc.py --rounds 5 --json "$OUT_DIR/bench.json"
+timeout 100 python3 tests/gpu/bench_ipc.py --rounds 3 --json "$OUT_DIR/bench.json"
 bench=$?
 echo "device_run: smoke=$smoke tests=$tests bench=$bench"
 [ "$smoke" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -6,7 +6,8 @@ line on stdin, one answer per line on stdout.
 
 Requests (``op``):
 
-- ``decode``: ``array`` (hex of the message's bytes), ``meta``, optional ``device``,
+- ``decode``: ``array`` (hex of the message's bytes) or ``array_file`` (a file holding
+  them), ``meta``, optional ``device``,
   ``writable``, ``verify``, ``hold`` (keep the value until ``release``), ``sync``
   (synchronize the device before answering) and ``expect`` (``digest`` of the producer's
   tensor, see ``digest``; without it nothing is compared). Answers ``ok``, ``kind``
@@ -87,7 +88,11 @@ def main() -> None:
         answer: dict[str, Any] = {"op": op}
         try:
             if op == "decode":
-                array = pa.array(np.frombuffer(bytes.fromhex(request["array"]), np.uint8))
+                if "array_file" in request:  # big message bytes come as a file
+                    data = np.fromfile(request["array_file"], dtype=np.uint8)
+                else:
+                    data = np.frombuffer(bytes.fromhex(request["array"]), np.uint8)
+                array = pa.array(data)
                 value = at.decode(
                     array,
                     request["meta"],

@@ -7,11 +7,15 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+INLINE_MAX = 1 << 20
+"""Bigger message bytes go through a file in /dev/shm, not hex in a JSON line."""
 
 PEER = Path(__file__).with_name("ipc_peer.py")
 
@@ -26,11 +30,13 @@ class Peer:
     def __init__(self, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
         self.timeout = timeout
         self.log: list[str] = []
+        # stderr to a file: a pipe nobody reads would block a chatty peer.
+        self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, str(PEER)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             text=True,
             env={**os.environ, **(env or {})},
         )
@@ -59,13 +65,18 @@ class Peer:
         """Have the peer decode one message (``fields``: decode options, ``expect``...)."""
         array, meta = message
         data = array.buffers()[1].to_pybytes() if len(array) else b""
-        return self.ask("decode", array=data.hex(), meta=meta, **fields)
+        if len(data) <= INLINE_MAX:
+            return self.ask("decode", array=data.hex(), meta=meta, **fields)
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(dir=folder, prefix="peer-") as f:
+            f.write(data)
+            f.flush()
+            return self.ask("decode", array_file=f.name, meta=meta, **fields)
 
     def dump(self) -> str:
         """Requests, answers and the peer's stderr so far."""
-        err = ""
-        if self.proc.poll() is not None and self.proc.stderr is not None:
-            err = self.proc.stderr.read()[-4000:]
+        self.stderr.seek(0)
+        err = self.stderr.read()[-4000:]
         return "\n".join([*self.log[-40:], "--- peer stderr ---", err])
 
     def close(self) -> None:
@@ -80,6 +91,7 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
+        self.stderr.close()

@@ -99,10 +99,10 @@ class StandIn:
         return self.sb.allocator.stack([base[:16], base[16:32]])
 
     def facts(self) -> dict[str, Any]:
-        return {"device": "host stand-in", "counters": len(self.sb.counters)}
+        return {"device": "host stand-in", "exports": self.sb.exports}
 
     def settle(self) -> int:
-        return len(self.sb.counters)
+        return self.sb.exports
 
 
 def _permuted(base: Any, n: int) -> Any:

@@ -108,3 +108,10 @@ def test_the_peer_decodes_with_every_option(sb: Any, peer: Peer) -> None:
     failing = peer.decode((pa.array(np.zeros(3, np.uint8)), {"at.version": 2}))
     assert not failing["ok"]
     assert failing["error"].startswith("MetadataError")
+
+
+def test_big_host_messages_reach_the_peer_through_a_file(peer: Peer) -> None:
+    x = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: more than a JSON line should carry
+    answer = _ok(peer.decode(at.encode(x), expect=digest(x)), peer)
+    assert answer["kind"] == "numpy"
+    assert any("array_file" in line for line in peer.log)

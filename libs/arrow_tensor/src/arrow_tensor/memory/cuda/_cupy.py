@@ -57,21 +57,12 @@ class CupyCudaBackend:
         return Export(handle, low - base, size, event_handle, device, keepalive=(x, event))
 
     def _device(self, ordinal: int) -> DeviceId:
-        with _typed(self.cupy):
-            props = self.rt.getDeviceProperties(ordinal)
-            pci = self.rt.deviceGetPCIBusId(ordinal).lower()
-        raw = props.get("uuid", b"")
-        hexed = raw.hex() if isinstance(raw, bytes) else str(raw)
-        uuid = (
-            f"GPU-{hexed[:8]}-{hexed[8:12]}-{hexed[12:16]}-{hexed[16:20]}-{hexed[20:32]}"
-            if len(hexed) == 32
-            else f"GPU-{hexed}"
-        )
-        return DeviceId(uuid, pci, ordinal)
+        # From the driver: CuPy's properties carry the UUID as a C string, cut at a 0 byte.
+        return Runtime.get().device(ordinal)
 
     def local_device(self, uuid: str, pci_bus_id: str) -> int | None:
         """Match by UUID first, PCI bus id second."""
-        devices = [self._device(i) for i in range(self.rt.getDeviceCount())]
+        devices = [self._device(i) for i in range(Runtime.get().device_count())]
         for dev in devices:
             if dev.uuid == uuid:
                 return dev.ordinal
@@ -82,9 +73,7 @@ class CupyCudaBackend:
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
         """``cuIpcOpenMemHandle`` in the primary context CuPy uses for ``ordinal``."""
-        rt = Runtime.get()
-        ptr = rt.ipc_open(handle, ordinal)
-        return rt.address_range(ptr, ordinal)
+        return Runtime.get().open_range(handle, ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
         """``cuIpcCloseMemHandle``."""

@@ -9,14 +9,12 @@ pointer whose life we control. ``CudaBackend`` is exactly that surface. Two kind
 implementation exist:
 
 * ``TorchCudaBackend`` (``_torch``), ``CupyCudaBackend`` (``_cupy``) and
-  ``PyarrowCudaBackend`` (``_pyarrow``) over the real CUDA stack. The producer side
-  prefers primitives that PyTorch and CuPy test heavily: ``UntypedStorage._share_cuda_``
-  (the caching allocator's own base/offset of a block and an interprocess event recorded on
-  the current stream, see Note [CUDA IPC and the caching allocator] in
-  ``torch/multiprocessing/reductions.py``), ``torch.cuda.Event.from_ipc_handle``,
-  ``cupy.cuda.runtime.ipc*``. Two calls have no framework wrapper and go through ctypes:
-  ``cudaIpcOpenMemHandle``/``cudaIpcCloseMemHandle`` for torch receivers and
-  ``cuMemGetAddressRange`` to learn a block's base and size (``_runtime``).
+  ``PyarrowCudaBackend`` (``_pyarrow``) over the real CUDA stack. A tensor is shared by the
+  driver's handle of the allocation it lies in (``cuMemGetAddressRange``,
+  ``cuIpcGetMemHandle``: a caching allocator's block, see Note [CUDA IPC and the caching
+  allocator] in ``torch/multiprocessing/reductions.py``) and an interprocess event of the
+  framework's recorded on the current stream; handles are opened and closed through the
+  driver too (``_runtime``, Note [The driver API, not a second runtime]).
 * ``HostStandIn`` (``_standin``): host memory in owner-only ``/dev/shm`` blocks that several
   "tensors" share, as the caching allocator packs small tensors into one ``cudaMalloc``
   block. Its handles open in another process for real, so the whole transport above it is

@@ -72,7 +72,7 @@ class PyarrowCudaBackend:
 
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
         """``cuIpcOpenMemHandle``."""
-        return self.rt.address_range(self.rt.ipc_open(handle, ordinal), ordinal)
+        return self.rt.open_range(handle, ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
         """``cuIpcCloseMemHandle``."""

@@ -94,6 +94,16 @@ class Runtime:
             found = self._contexts[ordinal] = (ctx, dev)  # retained for the process's life
         return found[0]
 
+    def open_range(self, handle: bytes, ordinal: int) -> tuple[int, int]:
+        """``ipc_open`` and the (base, size) of what it mapped; closed again if that fails."""
+        ptr = self.ipc_open(handle, ordinal)
+        try:
+            return self.address_range(ptr, ordinal)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.ipc_close(ptr, ordinal)
+            raise
+
     def ipc_open(self, handle: bytes, ordinal: int) -> int:
         """``cuIpcOpenMemHandle``: the base address of the allocation ``handle`` names."""
         ptr = ctypes.c_uint64()
@@ -158,7 +168,9 @@ class Runtime:
         dev = ctypes.c_int()
         self._check(self.lib.cuDeviceGet(ctypes.byref(dev), ctypes.c_int(ordinal)), "cuDeviceGet")
         raw = (ctypes.c_ubyte * 16)()
-        self._check(self.lib.cuDeviceGetUuid(raw, dev), "cuDeviceGetUuid")
+        # _v2 (CUDA 11.4+) names a MIG instance as the runtime does; v1 its parent GPU.
+        get_uuid = getattr(self.lib, "cuDeviceGetUuid_v2", None) or self.lib.cuDeviceGetUuid
+        self._check(get_uuid(raw, dev), "cuDeviceGetUuid")
         h = bytes(raw).hex()
         uuid = f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
         pci = ctypes.create_string_buffer(32)

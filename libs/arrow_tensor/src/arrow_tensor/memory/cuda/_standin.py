@@ -27,7 +27,6 @@ from ...codec import _dtypes
 from ...codec._schema import TensorHeader
 from .._slots import pid_alive
 from ._device import IPC_HANDLE_SIZE, ArrayInfo, DeviceId, DeviceSpan, Export
-from ._sharing import EXPANDABLE, MALLOC, export_from_share
 
 STANDIN_UUID = "STANDIN-00000000-0000-0000-0000-000000000000"
 STANDIN_PREFIX = "at-standin-"
@@ -156,16 +155,8 @@ class _HostOwner:
         }
 
 
-HANDLE_FORMATS = ("versioned", "legacy", "expandable")
-"""What ``share_cuda`` hands out, as PyTorch does (Note [Sharing through PyTorch's
-allocator]): ``versioned`` (torch 2.5 and later: version byte, type ``c``, the 64 bytes),
-``legacy`` (torch 2.4 and earlier: the 64 bytes) or ``expandable`` (type ``e``: an
-expandable segment, which legacy IPC cannot open)."""
-REF_COUNTERS = b"/standin_ref_counters"
-
-
 class HostStandIn:
-    """``CudaBackend`` over host shared memory; counts opens, closes, event waits, counters."""
+    """``CudaBackend`` over host shared memory; counts opens, closes, waits and exports."""
 
     name = "standin"
     ipc_problem: str | None = None
@@ -179,12 +170,11 @@ class HostStandIn:
         self.closes = 0
         self.waited: list[bytes] = []
         self._events = itertools.count(1)
-        self.handle_format = "versioned"
-        """One of ``HANDLE_FORMATS``: which PyTorch this stand-in plays."""
-        self.counters: dict[tuple[bytes, int], int] = {}
-        """PyTorch's shared reference counters: taken by ``share_cuda``, given back by
-        ``release_ipc_counter``; one left over is a block in torch's limbo."""
-        self._counter_slots = itertools.count()
+        self.exports = 0
+        """Exports whose memory is still kept for receivers (``on_release`` not yet run)."""
+        self.ipc_refusal: str | None = None
+        """Set by tests to play memory ``cuIpcGetMemHandle`` refuses (expandable segments,
+        ``cudaMallocAsync`` pools): the export then raises ``CudaUnavailableError``."""
 
     def info(self, x: Any) -> ArrayInfo:
         """Facts of a ``StandInArray``."""
@@ -204,32 +194,6 @@ class HostStandIn:
             inverse[p] = i
         return out.transpose(*inverse)
 
-    def share_cuda(self, x: StandInArray) -> tuple[Any, ...]:
-        """What ``UntypedStorage._share_cuda_()`` returns for ``x``'s storage.
-
-        The handle names ``x``'s block (the segment) in ``handle_format``; a reference
-        counter is taken and set to 1, as torch does.
-        """
-        raw = _pad(x.block.name.encode())
-        handle = {
-            "versioned": b"\x02" + MALLOC + raw,
-            "legacy": raw,
-            "expandable": b"\x02" + EXPANDABLE + bytes(24) + (3).to_bytes(4, "little"),
-        }[self.handle_format]
-        counter = (REF_COUNTERS, next(self._counter_slots))
-        self.counters[counter] = 1
-        event = _pad(b"standin-event" + next(self._events).to_bytes(8, "little"))
-        start, nbytes = x.storage
-        return (0, handle, nbytes, start, *counter, event, True)
-
-    def release_ipc_counter(self, handle: bytes, offset: int) -> None:
-        """``UntypedStorage._release_ipc_counter``: one share of the counter given back."""
-        left = self.counters[(handle, offset)] - 1
-        if left:
-            self.counters[(handle, offset)] = left
-        else:
-            del self.counters[(handle, offset)]
-
     def address_range(self, ptr: int) -> tuple[int, int]:
         """(base, size) of the block holding ``ptr`` (``cuMemGetAddressRange``)."""
         for block in self.allocator.blocks:
@@ -238,22 +202,37 @@ class HostStandIn:
                 return base, block.size
         raise CudaUnavailableError(f"{ptr:#x} lies in no stand-in block")
 
+    def ipc_get(self, base: int) -> bytes:
+        """``cuIpcGetMemHandle`` of the block at ``base``: its name, padded to 64 bytes."""
+        if self.ipc_refusal is not None:
+            raise CudaUnavailableError(f"cuIpcGetMemHandle failed: {self.ipc_refusal}")
+        for block in self.allocator.blocks:
+            if block.array.ctypes.data == base:
+                return _pad(block.name.encode())
+        raise CudaUnavailableError(f"cuIpcGetMemHandle failed: {base:#x} starts no block")
+
     def export(self, x: Any) -> Export:
-        """Through ``share_cuda``, read like PyTorch's (Note [Sharing through PyTorch's
-        allocator]): the segment's handle, the offset of the first element in it."""
+        """As the real backends do: the block's handle, the first byte's offset in it."""
         view = x.view
         low = view.__array_interface__["data"][0] + sum(
             (n - 1) * s for n, s in zip(view.shape, view.strides, strict=True) if s < 0 and n
         )
-        storage_start = x.block.array.ctypes.data + x.storage[0]
-        return export_from_share(
-            self.share_cuda(x),
-            first_element_bytes=low - storage_start,
-            data_ptr=low,
-            address_range=self.address_range,
-            release=self.release_ipc_counter,
-            device=self.device,
+        base, size = self.address_range(low)
+        handle = self.ipc_get(base)
+        token = next(self._events).to_bytes(8, "little")
+        self.exports += 1
+
+        def release() -> None:
+            self.exports -= 1
+
+        return Export(
+            handle,
+            low - base,
+            size,
+            _pad(b"standin-event" + token),
+            self.device,
             keepalive=x,
+            on_release=release,
         )
 
     def local_device(self, uuid: str, pci_bus_id: str) -> int | None:

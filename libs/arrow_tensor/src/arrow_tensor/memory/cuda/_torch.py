@@ -7,12 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from ..._errors import CudaUnavailableError, UnsupportedTensorError
+from ..._errors import UnsupportedTensorError
 from ...codec import _dtypes
 from ...codec._schema import TensorHeader
 from ._device import ArrayInfo, DeviceId, DeviceSpan, Export
 from ._runtime import CaiOwner, Runtime
-from ._sharing import export_from_share
 
 
 class TorchCudaBackend:
@@ -50,31 +49,31 @@ class TorchCudaBackend:
         return t.permute(list(perm)).contiguous().permute(inverse)
 
     def export(self, x: Any) -> Export:
-        """Through PyTorch's own IPC sharing (Note [Sharing through PyTorch's allocator])."""
+        """The driver's handle of the allocation ``x`` lies in, and an event of ours.
+
+        Not ``UntypedStorage._share_cuda_``: that wraps the storage in PyTorch's own
+        reference counting on every call (a counter slot and one of at most 1,000 events
+        per share, kept until the storage dies, and the block parked in "limbo" while a
+        counter is up), which a buffer sent over and over would pile up. The slots of the
+        in-flight table already keep ``x`` alive until every receiver released it, so the
+        caching allocator cannot reuse the memory under a reader; an allocation the legacy
+        API cannot share (expandable segments, ``cudaMallocAsync`` pools, VMM) makes
+        ``cuIpcGetMemHandle`` refuse, and the value takes the host path.
+        """
         torch = self.torch
         ordinal = x.device.index
-        # Everything that can fail before the share goes first: once _share_cuda_ took
-        # torch's counter, only export_from_share (which releases it on failure) may raise.
-        device, runtime = self._device(ordinal), Runtime.get()
-        release_counter = torch.UntypedStorage._release_ipc_counter
-        with torch.cuda.device(ordinal):  # the driver call runs in the tensor's own context
-            try:
-                share = x.untyped_storage()._share_cuda_()
-            except RuntimeError as exc:  # cudaMallocAsync, memory not from the allocator...
-                raise CudaUnavailableError(
-                    f"PyTorch cannot share this CUDA memory over legacy IPC "
-                    f"({str(exc).splitlines()[0][:200]}); memory received from another "
-                    f"process must be cloned before re-sending"
-                ) from None
-            return export_from_share(
-                share,
-                first_element_bytes=x.storage_offset() * x.element_size(),
-                data_ptr=x.data_ptr(),
-                address_range=lambda ptr: runtime.address_range(ptr, ordinal),
-                release=lambda handle, offset: release_counter(handle, offset, device=ordinal),
-                device=device,
-                keepalive=x,
-            )
+        rt = Runtime.get()
+        ptr = x.data_ptr()
+        with torch.cuda.device(ordinal):
+            base, size = rt.address_range(ptr, ordinal)
+            handle = rt.ipc_get(base, ordinal)
+            # Recorded on the current stream: receivers wait for what was queued before.
+            event = torch.cuda.Event(interprocess=True)
+            event.record()
+            event_handle = bytes(event.ipc_handle())
+        return Export(
+            handle, ptr - base, size, event_handle, self._device(ordinal), keepalive=(x, event)
+        )
 
     def _device(self, ordinal: int) -> DeviceId:
         props = self.torch.cuda.get_device_properties(ordinal)
@@ -102,9 +101,7 @@ class TorchCudaBackend:
     def open_handle(self, handle: bytes, ordinal: int) -> tuple[int, int]:
         """``cuIpcOpenMemHandle`` in the primary context torch uses for ``ordinal``."""
         self.torch.cuda.init()
-        rt = Runtime.get()
-        ptr = rt.ipc_open(handle, ordinal)
-        return rt.address_range(ptr, ordinal)
+        return Runtime.get().open_range(handle, ordinal)
 
     def close_handle(self, base: int, ordinal: int) -> None:
         """``cuIpcCloseMemHandle``."""

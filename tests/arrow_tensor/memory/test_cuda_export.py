@@ -1,10 +1,11 @@
-"""Sharing CUDA memory the way PyTorch hands it out, and the driver calls around it, on CPU.
+"""Exporting CUDA memory and giving it back on every path, and the driver calls, on CPU.
 
-The host stand-in produces exactly what ``UntypedStorage._share_cuda_()`` returns (the
-versioned 66-byte handle of torch 2.5 and later, the raw 64 bytes of older torch, and the
-expandable-segment form legacy IPC cannot open) and keeps torch's reference counters, so
-every path that took one is checked to give it back. The driver API is exercised against
-a stand-in library with the driver's signatures; the real one only runs in tests/gpu.
+The host stand-in exports as the real backends do (the allocation's base and size, its IPC
+handle, the first byte's offset in it) and counts the exports whose memory it still keeps
+for receivers, so every path that exported is checked to give the memory back: released
+by receivers, refused by a full slot table, a send that failed, a description that failed.
+The driver API is exercised against a stand-in library with the driver's signatures; the
+real one only runs in tests/gpu.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ import pytest
 from arrow_tensor.codec import _schema
 from arrow_tensor.memory import _blocks
 from arrow_tensor.memory._slots import pid_alive, pid_running
-from arrow_tensor.memory.cuda import _handles, _receive, _runtime, _sharing
+from arrow_tensor.memory.cuda import _handles, _receive, _runtime
 from arrow_tensor.memory.cuda import _ipc as _cuda_ipc
 from arrow_tensor.memory.cuda import _standin as _cuda_backend
-from arrow_tensor.memory.cuda._device import DeviceId
 from dora.testing import MockNode
 
 DATAFLOW = str(uuid.UUID(int=0x5EED5))
 HANDLE = bytes(range(64))
-DEVICE = DeviceId("GPU-0", "0000:01:00.0", 0)
 
 
 @pytest.fixture
@@ -60,100 +59,15 @@ class Recorder(MockNode):
         self.sent.append((output_id, data, dict(metadata or {})))
 
 
-# --- the handle formats ---------------------------------------------------------------------
+# --- every export comes back -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "handle",
-    [HANDLE, b"\x02c" + HANDLE, b"\x01c" + HANDLE, b"\x03c" + HANDLE],
-    ids=["torch<=2.4 raw", "torch 2.5+ v2", "v1", "v3"],
-)
-def test_every_cudamalloc_handle_format_gives_the_64_bytes(handle: bytes) -> None:
-    assert _sharing.legacy_handle(handle) == HANDLE
-
-
-@pytest.mark.parametrize(
-    ("handle", "match"),
-    [
-        (b"\x02e" + bytes(24) + bytes(4), "expandable segment"),
-        (b"\x02c" + HANDLE[:63], "does not read: 65 bytes"),
-        (b"\x02x" + HANDLE, "type b'x'"),
-        (None, "no IPC handle"),
-    ],
-)
-def test_handles_legacy_ipc_cannot_open_are_refused_typed(handle: Any, match: str) -> None:
-    with pytest.raises(at.CudaUnavailableError, match=match):
-        _sharing.legacy_handle(handle)
-
-
-def _share(handle: Any = b"\x02c" + HANDLE) -> tuple[Any, ...]:
-    return (0, handle, 4096, 1024, b"/torch_refcounts", 7, b"E" * 64, True)
-
-
-def test_the_export_reads_offsets_event_and_keeps_the_counter() -> None:
-    released: list[tuple[Any, int]] = []
-    export = _sharing.export_from_share(
-        _share(),
-        first_element_bytes=256,
-        data_ptr=0x7000,
-        address_range=lambda ptr: (0x6000, 1 << 20),
-        release=lambda h, o: released.append((h, o)),
-        device=DEVICE,
-        keepalive="x",
-    )
-    assert (export.handle, export.offset, export.alloc_size) == (HANDLE, 1024 + 256, 1 << 20)
-    assert export.event == b"E" * 64
-    assert released == []  # held until every receiver is done
-    export.on_release()
-    assert released == [(b"/torch_refcounts", 7)]
-
-
-def test_an_unsynchronized_share_carries_no_event() -> None:
-    share = (*_share()[:6], bytes(64), False)  # torch synchronized instead (1,000 events)
-    export = _sharing.export_from_share(
-        share,
-        first_element_bytes=0,
-        data_ptr=1,
-        address_range=lambda ptr: (0, 2),
-        release=lambda h, o: None,
-        device=DEVICE,
-        keepalive=None,
-    )
-    assert export.event == _sharing.NO_EVENT
-
-
-@pytest.mark.parametrize("failure", ["expandable", "address_range"])
-def test_a_failure_after_the_share_gives_torchs_counter_back(failure: str) -> None:
-    released: list[tuple[Any, int]] = []
-
-    def address_range(ptr: int) -> tuple[int, int]:
-        raise at.CudaUnavailableError("cuMemGetAddressRange failed: CUDA_ERROR_INVALID_VALUE")
-
-    handle = b"\x02e" + bytes(28) if failure == "expandable" else b"\x02c" + HANDLE
-    with pytest.raises(at.CudaUnavailableError):
-        _sharing.export_from_share(
-            _share(handle),
-            first_element_bytes=0,
-            data_ptr=1,
-            address_range=address_range,
-            release=lambda h, o: released.append((h, o)),
-            device=DEVICE,
-            keepalive=None,
-        )
-    assert released == [(b"/torch_refcounts", 7)]
-
-
-# --- the stand-in plays every torch, and nothing stays in limbo ------------------------------
-
-
-@pytest.mark.parametrize("fmt", ["versioned", "legacy"])
-def test_the_stand_in_shares_like_torch_and_every_counter_comes_back(sb: Any, fmt: str) -> None:
-    sb.handle_format = fmt
+def test_every_export_comes_back_once_receivers_released(sb: Any) -> None:
     node = Recorder()
     x = sb.allocator.asarray(np.arange(60, dtype=np.float32).reshape(3, 20))
     for view in (x, x[1:], x.T):
         assert at.send(node, "out", view) == "cuda"
-    assert len(sb.counters) == 3  # one share each, held while receivers may read
+    assert sb.exports == 3  # one each, kept while receivers may read
     received = [at.Receiver().receive(a, m) for _, a, m in node.sent]
     for got, view in zip(received, (x, x[1:], x.T), strict=True):
         np.testing.assert_array_equal(got, view.view)
@@ -162,32 +76,32 @@ def test_the_stand_in_shares_like_torch_and_every_counter_comes_back(sb: Any, fm
     while _cuda_ipc.in_flight() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _cuda_ipc.in_flight() == 0
-    assert sb.counters == {}, "a share whose counter was never released stays in torch's limbo"
+    assert sb.exports == 0, "memory kept for a receiver that released it long ago"
 
 
-def test_an_expandable_segment_takes_the_host_path_and_leaks_nothing(sb: Any) -> None:
-    sb.handle_format = "expandable"
+def test_memory_the_driver_cannot_share_takes_the_host_path(sb: Any) -> None:
+    sb.ipc_refusal = "CUDA_ERROR_NOT_SUPPORTED (an expandable segment)"
     node = Recorder()
     x = sb.allocator.asarray(np.arange(12, dtype=np.int32))
     assert [at.send(node, "out", x) for _ in range(2)] == ["inline", "inline"]
-    assert sb.counters == {}
+    assert sb.exports == 0
     assert _cuda_ipc.in_flight() == 0
     np.testing.assert_array_equal(at.decode(node.sent[0][1], node.sent[0][2]), x.view)
-    said = [e["message"] for e in node.logs if "expandable segment" in e["message"]]
+    said = [e["message"] for e in node.logs if "cuIpcGetMemHandle failed" in e["message"]]
     assert len(said) == 1, "said once per output and reason"
 
 
-def test_exhausted_slots_give_the_counter_back(sb: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exhausted_slots_export_nothing_more(sb: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARROW_TENSOR_CUDA_SLOTS", "1")
     node = Recorder()
     x = sb.allocator.asarray(np.arange(8, dtype=np.uint8))
     assert at.send(node, "out", x) == "cuda"
     held = at.decode(node.sent[0][1], node.sent[0][2])
     assert at.send(node, "out", x) == "inline"  # no free slot: this one by the host
-    assert len(sb.counters) == 1  # only the share the held tensor still reads
+    assert sb.exports == 1  # only the memory the held tensor still reads
     del held
     _cuda_ipc.close_all(0)
-    assert sb.counters == {}
+    assert sb.exports == 0
 
 
 def test_a_send_that_fails_withdraws_its_descriptor_at_once(sb: Any) -> None:
@@ -199,10 +113,10 @@ def test_a_send_that_fails_withdraws_its_descriptor_at_once(sb: Any) -> None:
     with pytest.raises(RuntimeError, match="dora refused"):
         at.send(Refusing(), "out", x)
     assert _cuda_ipc.in_flight() == 0
-    assert sb.counters == {}
+    assert sb.exports == 0
 
 
-def test_a_failure_while_describing_withdraws_the_share(
+def test_a_failure_while_describing_withdraws_the_export(
     sb: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(*args: Any) -> Any:
@@ -213,7 +127,7 @@ def test_a_failure_while_describing_withdraws_the_share(
     with pytest.raises(MemoryError):
         _cuda_ipc.encode_cuda(x, checksum=True)
     assert _cuda_ipc.in_flight() == 0
-    assert sb.counters == {}
+    assert sb.exports == 0
 
 
 def test_the_stand_in_opens_only_64_byte_handles(sb: Any) -> None:
@@ -304,6 +218,10 @@ class FakeDriver:
         base._obj.value, size._obj.value = ptr.value & ~0xFFF, 0x2000
         return self._record("cuMemGetAddressRange")
 
+    def cuIpcGetMemHandle(self, out: Any, base: Any) -> int:
+        ctypes.memmove(ctypes.addressof(out._obj), HANDLE, 64)
+        return self._record("cuIpcGetMemHandle")
+
 
 def test_every_driver_call_runs_in_its_devices_primary_context() -> None:
     lib = FakeDriver()
@@ -312,8 +230,15 @@ def test_every_driver_call_runs_in_its_devices_primary_context() -> None:
     assert ptr == 0xA000
     assert rt.address_range(0xA123, 1) == (0xA000, 0x2000)
     rt.ipc_close(ptr, 1)
+    assert rt.ipc_get(0xA000, 1) == HANDLE
     by_call = dict(lib.calls)
-    for name in ("cuIpcOpenMemHandle", "cuMemGetAddressRange", "cuIpcCloseMemHandle"):
+    names = (
+        "cuIpcOpenMemHandle",
+        "cuMemGetAddressRange",
+        "cuIpcCloseMemHandle",
+        "cuIpcGetMemHandle",
+    )
+    for name in names:
         assert by_call[name] == [0x101], f"{name} ran outside device 1's context"
     assert lib.stack == [], "every push is popped"
     assert [n for n, _ in lib.calls].count("cuDevicePrimaryCtxRetain") == 1  # retained once
@@ -345,4 +270,4 @@ def test_descriptors_name_their_block_and_slot(sb: Any) -> None:
     assert len(array) == 128
     _cuda_ipc.withdraw(meta)
     assert _cuda_ipc.in_flight() == 0
-    assert sb.counters == {}
+    assert sb.exports == 0
