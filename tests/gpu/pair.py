@@ -73,6 +73,11 @@ class Peer:
             f.flush()
             return self.ask("decode", array_file=f.name, meta=meta, **fields)
 
+    def ok(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """``answer``, after asserting it says ``ok`` (the log in the message otherwise)."""
+        assert answer.get("ok"), f"{answer}\n{self.dump()}"
+        return answer
+
     def dump(self) -> str:
         """Requests, answers and the peer's stderr so far."""
         self.stderr.seek(0)

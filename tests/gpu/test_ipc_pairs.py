@@ -44,11 +44,6 @@ def peer() -> Iterator[Peer]:
     p.close()
 
 
-def _ok(answer: dict[str, Any], peer: Peer) -> dict[str, Any]:
-    assert answer.get("ok"), f"{answer}\n{peer.dump()}"
-    return answer
-
-
 def _in_flight_settles() -> int:
     from arrow_tensor.memory.cuda import _ipc
 
@@ -66,7 +61,7 @@ def test_the_receiver_waits_for_the_producers_kernels(torch: Any, peer: Peer) ->
     torch.cuda._sleep(int(200e6))  # a busy kernel of a few tens of ms on this stream
     x.fill_(7.0)
     message = at.encode(x)  # no synchronize: the event orders the receiver after the fill
-    answer = _ok(peer.decode(message, expect=digest(torch.full((1 << 20,), 7.0))), peer)
+    answer = peer.ok(peer.decode(message, expect=digest(torch.full((1 << 20,), 7.0))))
     assert answer["kind"] == "torch"
     assert message[1]["at.kind"] == "cuda"
     assert message[1]["at.cuda.event"] is True
@@ -81,7 +76,7 @@ def test_a_producer_on_a_side_stream(torch: Any, peer: Peer) -> None:
         torch.cuda._sleep(int(100e6))
         x.fill_(3.0)
         message = at.encode(x)  # the event is recorded on the side stream, current here
-    _ok(peer.decode(message, expect=digest(torch.full((4096,), 3.0))), peer)
+    peer.ok(peer.decode(message, expect=digest(torch.full((4096,), 3.0))))
 
 
 def test_cupy_arrays_travel_as_handles(peer: Peer) -> None:
@@ -91,7 +86,7 @@ def test_cupy_arrays_travel_as_handles(peer: Peer) -> None:
     x = cupy.arange(3 * 1024, dtype=cupy.float32).reshape(3, 1024)[:, ::2]
     message = at.encode(x)
     assert message[1]["at.kind"] == "cuda"
-    answer = _ok(peer.decode(message, expect=digest(cupy.ascontiguousarray(x))), peer)
+    answer = peer.ok(peer.decode(message, expect=digest(cupy.ascontiguousarray(x))))
     assert answer["kind"] == "cupy"
 
 
@@ -100,7 +95,7 @@ def test_decode_onto_a_device(torch: Any, peer: Peer, device: str) -> None:
     import arrow_tensor as at
 
     x = torch.arange(1000, device="cuda", dtype=torch.int64)
-    answer = _ok(peer.decode(at.encode(x), device=device, expect=digest(x)), peer)
+    answer = peer.ok(peer.decode(at.encode(x), device=device, expect=digest(x)))
     assert answer["kind"] == "torch"
     assert answer["device"].startswith(device)
 
@@ -110,9 +105,9 @@ def test_writable_is_a_private_copy_and_verify_checks_the_bytes(torch: Any, peer
 
     x = torch.arange(4096, device="cuda", dtype=torch.float32).view(64, 64).t()
     before = digest(x)
-    _ok(peer.decode(at.encode(x, checksum=True), verify=True, expect=before), peer)
-    _ok(peer.decode(at.encode(x), writable=True, hold=True, expect=before), peer)
-    assert _ok(peer.ask("write"), peer)["wrote"]
+    peer.ok(peer.decode(at.encode(x, checksum=True), verify=True, expect=before))
+    peer.ok(peer.decode(at.encode(x), writable=True, hold=True, expect=before))
+    assert peer.ok(peer.ask("write"))["wrote"]
     torch.cuda.synchronize()
     assert digest(x) == before, "a write into the private copy reached the producer"
 
@@ -124,8 +119,8 @@ def test_a_received_tensor_can_be_sent_on(torch: Any, peer: Peer) -> None:
     import pyarrow as pa
 
     x = torch.randn(256, 256, device="cuda").to(torch.bfloat16)
-    _ok(peer.decode(at.encode(x), hold=True, expect=digest(x)), peer)
-    again = _ok(peer.ask("resend"), peer)
+    peer.ok(peer.decode(at.encode(x), hold=True, expect=digest(x)))
+    again = peer.ok(peer.ask("resend"))
     assert again["meta"]["at.kind"] == "cuda"
     array = pa.array(np.frombuffer(bytes.fromhex(again["array"]), np.uint8))
     back = at.decode(array, again["meta"])  # memory of the peer's, opened here
@@ -143,13 +138,13 @@ def test_memory_is_back_at_its_baseline_after_every_receiver_released(
     baseline = torch.cuda.memory_allocated()
     for i in range(50):
         x = torch.full((1 << 18,), float(i), device="cuda")
-        _ok(peer.decode(at.encode(x), hold=i % 5 == 0, expect=digest(x)), peer)
+        peer.ok(peer.decode(at.encode(x), hold=i % 5 == 0, expect=digest(x)))
         del x
-    _ok(peer.ask("release"), peer)
+    peer.ok(peer.ask("release"))
     assert _in_flight_settles() == 0
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == baseline
-    assert _ok(peer.ask("stats"), peer)["handles"] == 0
+    assert peer.ok(peer.ask("stats"))["handles"] == 0
 
 
 PRODUCER = textwrap.dedent(

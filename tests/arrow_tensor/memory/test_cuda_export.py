@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import arrow_tensor as at
@@ -24,30 +23,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from arrow_tensor.codec import _schema
-from arrow_tensor.memory import _blocks
 from arrow_tensor.memory._slots import pid_alive, pid_running
-from arrow_tensor.memory.cuda import _handles, _receive, _runtime
 from arrow_tensor.memory.cuda import _ipc as _cuda_ipc
-from arrow_tensor.memory.cuda import _standin as _cuda_backend
+from arrow_tensor.memory.cuda import _receive, _runtime
 from dora.testing import MockNode
 
 DATAFLOW = str(uuid.UUID(int=0x5EED5))
 HANDLE = bytes(range(64))
-
-
-@pytest.fixture
-def sb(monkeypatch: pytest.MonkeyPatch) -> Iterator[_cuda_backend.HostStandIn]:
-    fresh = _cuda_backend.HostStandIn()
-    monkeypatch.setattr(_cuda_backend, "_STANDIN", [fresh])
-    monkeypatch.setattr(_handles, "opened", _handles.HandleCache())
-    monkeypatch.setenv("ARROW_TENSOR_CUDA_WAIT", "20ms")
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    yield fresh
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    _blocks.set_identity(None)
-    fresh.allocator.close()
 
 
 class Recorder(MockNode):

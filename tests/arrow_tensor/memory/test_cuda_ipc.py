@@ -18,7 +18,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,22 +47,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 DATAFLOW = str(uuid.UUID(int=0x5EED))
-
-
-@pytest.fixture
-def sb(monkeypatch: pytest.MonkeyPatch) -> Iterator[_cuda_backend.HostStandIn]:
-    """A fresh stand-in device and fresh transport state; everything unlinked afterwards."""
-    fresh = _cuda_backend.HostStandIn()
-    monkeypatch.setattr(_cuda_backend, "_STANDIN", [fresh])
-    monkeypatch.setattr(_handles, "opened", _handles.HandleCache())
-    monkeypatch.setenv("ARROW_TENSOR_CUDA_WAIT", "50ms")
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    yield fresh
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    _blocks.set_identity(None)
-    fresh.allocator.close()
 
 
 def as_node(node_id: str) -> None:

@@ -14,9 +14,6 @@ import arrow_tensor as at
 import numpy as np
 import pyarrow as pa
 import pytest
-from arrow_tensor.memory.cuda import _handles, _receive
-from arrow_tensor.memory.cuda import _ipc as _cuda_ipc
-from arrow_tensor.memory.cuda import _standin as _cuda_backend
 
 GPU_DIR = Path(__file__).parents[2] / "gpu"
 sys.path.insert(0, str(GPU_DIR))
@@ -26,28 +23,10 @@ from pair import Peer  # noqa: E402
 
 
 @pytest.fixture
-def sb(monkeypatch: pytest.MonkeyPatch) -> Iterator[_cuda_backend.HostStandIn]:
-    fresh = _cuda_backend.HostStandIn()
-    monkeypatch.setattr(_cuda_backend, "_STANDIN", [fresh])
-    monkeypatch.setattr(_handles, "opened", _handles.HandleCache())
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    yield fresh
-    _cuda_ipc.close_all(0)
-    _receive.forget_blocks()
-    fresh.allocator.close()
-
-
-@pytest.fixture
 def peer() -> Iterator[Peer]:
     p = Peer(timeout=60)
     yield p
     p.close()
-
-
-def _ok(answer: dict[str, Any], peer: Peer) -> dict[str, Any]:
-    assert answer.get("ok"), f"{answer}\n{peer.dump()}"
-    return answer
 
 
 def test_the_smoke_check_passes_on_the_stand_in(tmp_path: Path) -> None:
@@ -77,7 +56,7 @@ def test_the_smoke_check_passes_on_the_stand_in(tmp_path: Path) -> None:
 def test_the_peer_compares_bytes_and_reports_a_mismatch(sb: Any, peer: Peer) -> None:
     x = sb.allocator.asarray(np.arange(60, dtype=np.int16).reshape(6, 10))
     message = at.encode(x.T)
-    answer = _ok(peer.decode(message, expect=digest(x.view.T)), peer)
+    answer = peer.ok(peer.decode(message, expect=digest(x.view.T)))
     assert answer["kind"] == "numpy"
     assert answer["strides"] == [1, 10]  # the producer's layout, kept
     wrong = peer.decode(message, expect=digest(x.view))  # same bytes, other shape
@@ -86,13 +65,13 @@ def test_the_peer_compares_bytes_and_reports_a_mismatch(sb: Any, peer: Peer) -> 
 
 def test_the_peer_tries_writes_and_resends(sb: Any, peer: Peer) -> None:
     x = sb.allocator.asarray(np.arange(16, dtype=np.float32))
-    _ok(peer.decode(at.encode(x), hold=True, expect=digest(x.view)), peer)
-    refused = _ok(peer.ask("write"), peer)
+    peer.ok(peer.decode(at.encode(x), hold=True, expect=digest(x.view)))
+    refused = peer.ok(peer.ask("write"))
     assert refused["wrote"] is False  # a received view is read-only
-    _ok(peer.decode(at.encode(x), writable=True, hold=True, expect=digest(x.view)), peer)
-    assert _ok(peer.ask("write"), peer)["wrote"] is True
+    peer.ok(peer.decode(at.encode(x), writable=True, hold=True, expect=digest(x.view)))
+    assert peer.ok(peer.ask("write"))["wrote"] is True
     assert digest(x.view) == digest(np.arange(16, dtype=np.float32))  # the producer's intact
-    again = _ok(peer.ask("resend"), peer)
+    again = peer.ok(peer.ask("resend"))
     array = pa.array(np.frombuffer(bytes.fromhex(again["array"]), np.uint8))
     back = at.decode(array, again["meta"])
     assert back[0] == 1.0  # the peer's private copy, as it wrote it
@@ -100,11 +79,11 @@ def test_the_peer_tries_writes_and_resends(sb: Any, peer: Peer) -> None:
 
 def test_the_peer_decodes_with_every_option(sb: Any, peer: Peer) -> None:
     x = sb.allocator.asarray(np.arange(8, dtype=np.uint8))
-    _ok(peer.decode(at.encode(x, checksum=True), verify=True, expect=digest(x.view)), peer)
-    answer = _ok(peer.decode(at.encode(x), device="cpu", expect=digest(x.view)), peer)
+    peer.ok(peer.decode(at.encode(x, checksum=True), verify=True, expect=digest(x.view)))
+    answer = peer.ok(peer.decode(at.encode(x), device="cpu", expect=digest(x.view)))
     assert answer["device"] == "cpu"
-    _ok(peer.ask("release"), peer)
-    assert _ok(peer.ask("stats"), peer)["handles"] == 0
+    peer.ok(peer.ask("release"))
+    assert peer.ok(peer.ask("stats"))["handles"] == 0
     failing = peer.decode((pa.array(np.zeros(3, np.uint8)), {"at.version": 2}))
     assert not failing["ok"]
     assert failing["error"].startswith("MetadataError")
@@ -112,6 +91,6 @@ def test_the_peer_decodes_with_every_option(sb: Any, peer: Peer) -> None:
 
 def test_big_host_messages_reach_the_peer_through_a_file(peer: Peer) -> None:
     x = np.arange(1 << 19, dtype=np.float32)  # 2 MiB: more than a JSON line should carry
-    answer = _ok(peer.decode(at.encode(x), expect=digest(x)), peer)
+    answer = peer.ok(peer.decode(at.encode(x), expect=digest(x)))
     assert answer["kind"] == "numpy"
     assert any("array_file" in line for line in peer.log)
