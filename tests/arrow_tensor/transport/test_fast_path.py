@@ -719,8 +719,10 @@ def test_send_fast_path_skips_outputs_that_may_loan(monkeypatch: pytest.MonkeyPa
     calls: list[Any] = []
 
     class Pool:
+        def loaned_header(self, value: Any) -> None:
+            calls.append(value)
+
         def owns(self, address: int) -> bool:
-            calls.append(address)
             return False
 
     monkeypatch.setattr(state, "pool", Pool())

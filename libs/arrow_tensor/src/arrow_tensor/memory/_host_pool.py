@@ -342,6 +342,17 @@ class OutputPool:
         return False
 
     # Placing values ------------------------------------------------------------------
+    def loaned_header(self, value: Any) -> _schema.TensorHeader | None:
+        """The header of ``value`` if it is a loan of this pool, as loaned (no planning)."""
+        found = self._as_loaned(value)
+        return None if found is None else found[2]
+
+    def place_loan(self, value: Any) -> Handle | None:
+        """A loan of this pool, ready to send as it lies; None if ``value`` is no loan."""
+        with self._lock:
+            found = self._as_loaned(value)
+            return None if found is None else Handle(self, *found, 0)
+
     def place(self, value: Any, plan: TensorPlan, wait_s: float = 0.0) -> Handle | None:
         """``value`` in a slot, ready to send as a handle; None ("no") when the pool is full.
 

@@ -66,9 +66,16 @@ class Outgoing:
     checksum: bool
     forced: str | None
     plan: TensorPlan | None = None
-    """Host tensors: the codec's plan (header, physical-order view, whether to compact)."""
+    """Host tensors: the codec's plan (header, physical-order view, whether to compact);
+    made on demand for a loan, which its pool already describes (``tensor_plan``)."""
     tree: _tree.TreePlan | None = None
     """Structures: the codec's plan of every leaf."""
+
+    def tensor_plan(self) -> TensorPlan:
+        """The codec's plan of this host tensor, made on first use."""
+        if self.plan is None:
+            self.plan = _tensor.plan(self.value)
+        return self.plan
 
 
 def send(
@@ -185,6 +192,10 @@ def prepare(
         For anything without an exact wire form, naming the alternative.
     """
     if _is_host_tensor(value):
+        header = state.pool.loaned_header(value) if state.pool is not None else None
+        if header is not None:  # a loan, untouched: its pool describes it, nothing to plan
+            payload = Payload(header.nbytes, header.dtype.storage.itemsize, loaned=True)
+            return Outgoing(value, payload, extra, checksum, forced)
         p = _tensor.plan(value)
         payload = tensor_payload(state, value, p)
         return Outgoing(value, payload, extra, checksum, forced, plan=p)
@@ -227,11 +238,13 @@ def _send_host(state: OutputState, out: Outgoing) -> str | None:
 
 
 def _send_shm(state: OutputState, out: Outgoing) -> str | None:
-    assert out.plan is not None
     pool = state.shm_pool()
-    # An ordinary tensor never waits for a slot: the message path is as fast as a copy
-    # into a slot would be. Only pool.send (forced) waits a little.
-    handle = pool.place(out.value, out.plan, wait_s=pool.wait_s if out.forced == SHM else 0.0)
+    handle = pool.place_loan(out.value) if out.payload.loaned else None
+    if handle is None:
+        # An ordinary tensor never waits for a slot: the message path is as fast as a copy
+        # into a slot would be. Only pool.send (forced) waits a little.
+        wait_s = pool.wait_s if out.forced == SHM else 0.0
+        handle = pool.place(out.value, out.tensor_plan(), wait_s=wait_s)
     if handle is None:
         return None
     meta = handle.publish(out.checksum)
@@ -246,8 +259,7 @@ def _send_shm(state: OutputState, out: Outgoing) -> str | None:
 
 
 def _send_raw(state: OutputState, out: Outgoing) -> str | None:
-    p = out.plan
-    assert p is not None
+    p = out.tensor_plan()
     check_pool(state, message_bytes(p.nbytes, 1))
     meta = p.header.to_metadata()
     meta.update(out.extra)
@@ -261,11 +273,11 @@ def _send_raw(state: OutputState, out: Outgoing) -> str | None:
 
 
 def _send_inline(state: OutputState, out: Outgoing) -> str | None:
-    if out.plan is not None:
-        array, meta = _tensor.encode_plan(out.plan, checksum=out.checksum)
-        nbytes, width = out.plan.nbytes, out.payload.width
+    if out.tree is None:
+        p = out.tensor_plan()
+        array, meta = _tensor.encode_plan(p, checksum=out.checksum)
+        nbytes, width = p.nbytes, out.payload.width
     else:
-        assert out.tree is not None
         array, meta = _tree.encode_plan(out.tree, checksum=out.checksum)
         nbytes, width = out.tree.nbytes, 8
     meta.update(out.extra)
@@ -277,8 +289,8 @@ def _send_inline(state: OutputState, out: Outgoing) -> str | None:
 
 def _send_chunked(state: OutputState, out: Outgoing) -> str | None:
     max_chunk = max_chunk_payload(state.facts.message_cap, 1)
-    if out.plan is not None:
-        p = out.plan
+    if out.tree is None:
+        p = out.tensor_plan()
         pieces, flat = _chunks.plan_pieces(p, max_chunk)
         header_meta = p.header.to_metadata()
         if out.checksum:
@@ -288,7 +300,6 @@ def _send_chunked(state: OutputState, out: Outgoing) -> str | None:
             header_meta[_schema.KEY_CHECKSUM] = _chunks.checksum_of(p.header.describe(), flat)
         total = p.nbytes
     else:
-        assert out.tree is not None
         array, header_meta = _tree.encode_plan(out.tree, checksum=out.checksum)
         flat = _chunks.chunk_bytes(array)
         pieces, total = _chunks.byte_pieces(flat, max_chunk), out.tree.nbytes
