@@ -149,10 +149,15 @@ def test_sigkill_of_a_consumer_holding_views(tmp_path: Path) -> None:
 
 
 def test_pool_exhaustion_under_a_slow_consumer_falls_back_to_messages(tmp_path: Path) -> None:
-    count = 60
+    # Each iteration of the producer waits at most 20 ms in ``loan`` and 20 ms more in
+    # ``send`` (which copies a fallen-back loan into a slot if one frees up meanwhile).
+    # The consumer frees a slot every 200 ms, so most sends must go as messages. (With
+    # 50 ms, two waits plus the period matched the consumer's pace in 1 run of 3 and
+    # every send found a slot.)
+    count = 40
     nodes = [
         producer(COUNT=count, PERIOD=0.005, ARROW_TENSOR_SHM_SLOTS=2, ARROW_TENSOR_SHM_WAIT="20ms"),
-        receiver("slow", HOLD=1, DELAY=0.05),
+        receiver("slow", HOLD=1, DELAY=0.2),
     ]
     code, output, dataflow = run(tmp_path, nodes)
     assert code == 0, output[-4000:]

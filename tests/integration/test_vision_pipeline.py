@@ -8,6 +8,7 @@ import re
 import shutil
 import struct
 import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,8 +82,17 @@ def test_every_frame_comes_back_once_in_order_with_its_metadata(
     assert report_path.exists(), log
     report = json.loads(report_path.read_text())
 
-    assert report["frame_ids"] == list(range(FRAMES)), log
-    for i, frame in enumerate(report["frames"]):
+    # dora drops a message under congestion now and then (1 full-suite run in about 12 lost
+    # one frame here; shared/notes/dora-facts.md): a lost frame must be named by the sink,
+    # never silent; every frame that arrives must be exact, once and in order.
+    ids = report["frame_ids"]
+    assert report["decode_errors"] == {}, log
+    assert ids == sorted(set(ids)), log
+    assert set(ids) <= set(range(FRAMES)), log
+    lost = sorted(set(range(FRAMES)) - set(ids))
+    assert len(lost) <= 1, f"{len(lost)} of {FRAMES} frames lost: {lost}\n{log}"
+    assert report["missing"] == [i for i in lost if i < ids[-1]], log
+    for i, frame in zip(ids, report["frames"], strict=True):
         metadata = frame["metadata"]
         assert set(metadata) == {"frame_id", "tag", "t_ns", "width", "height"}
         assert metadata["frame_id"] == i
@@ -94,12 +104,45 @@ def test_every_frame_comes_back_once_in_order_with_its_metadata(
     assert [f["metadata"]["t_ns"] for f in report["frames"]] == sorted(
         f["metadata"]["t_ns"] for f in report["frames"]
     )
-    assert report["decode_errors"] == {}
     # The batcher also carried the camera's warm-up frames (one or more), which the sink drops.
     batched = re.search(r"batcher: (\d+) items in \d+ batches, 0 rejected", run.stdout)
     assert batched is not None, log
-    assert int(batched.group(1)) > FRAMES
+    assert int(batched.group(1)) > FRAMES - len(lost)
 
     png = png_path.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == (WIDTH, HEIGHT)
+
+
+def test_the_sink_names_a_frame_that_never_arrived(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gap in the frame ids is printed and reported, not silently skipped."""
+    testing = pytest.importorskip("dora.testing")
+    torch = pytest.importorskip("torch")
+    import arrow_tensor as at
+    from arrow_tensor.node import Node
+
+    def detections(frame_id: int) -> dict[str, Any]:
+        value = {
+            "boxes": torch.zeros(1, 4),
+            "scores": torch.ones(1),
+            "labels": torch.ones(1, dtype=torch.int64),
+        }
+        array, meta = at.encode(value)
+        meta.update(frame_id=frame_id, t_ns=time.monotonic_ns())
+        return {"type": "INPUT", "id": "detections", "value": array, "metadata": meta}
+
+    events = [detections(i) for i in (0, 1, 3, 6)]
+    sink = load_example_node("sink")
+    monkeypatch.setattr(sink, "Node", lambda: Node(testing.MockNode(events)))
+    monkeypatch.setenv("REPORT", str(tmp_path / "report.json"))
+    monkeypatch.setenv("OUTPUT_PNG", str(tmp_path / "latest.png"))
+    sink.main()
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["frame_ids"] == [0, 1, 3, 6]
+    assert report["missing"] == [2, 4, 5]
+    printed = capsys.readouterr().out
+    assert "sink: frame 2 never arrived" in printed
+    assert "sink: frame 4..5 never arrived" in printed

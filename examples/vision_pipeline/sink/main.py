@@ -4,8 +4,9 @@ Inputs: ``detections`` ({"boxes", "scores", "labels"} per frame, with the frame'
 and ``frame`` (the camera's images, to draw on). Env: OUTPUT_PNG (default
 ``out/latest_frame.png`` under the dataflow's folder; ``out/`` is git-ignored),
 SCORE_THRESHOLD (boxes drawn and printed, default 0.5), REPORT (optional path of a JSON
-report: every frame id received in order, its metadata, its number of boxes, latency
-statistics).
+report: every frame id received in order, its metadata, its number of boxes, the frame ids
+that never came, latency statistics). A gap in the frame ids is printed when it is seen:
+dora's delivery is lossy under congestion, and a lost frame should not go unnoticed.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main() -> None:
     latencies: list[float] = []
     latest = None
     ready_sent = False
+    missing: list[int] = []
     for input_id, value, metadata in node:
         if metadata.get("warmup"):  # the camera's warm-up frames: the pipeline is up
             if input_id == "detections" and not ready_sent:
@@ -78,6 +80,12 @@ def main() -> None:
             for old in [k for k in frames if k < metadata["frame_id"] - 16]:
                 del frames[old]
             continue
+        frame_id = metadata["frame_id"]
+        expected = received[-1]["metadata"]["frame_id"] + 1 if received else 0
+        if frame_id > expected:
+            missing.extend(range(expected, frame_id))
+            gap = f"{expected}" if frame_id == expected + 1 else f"{expected}..{frame_id - 1}"
+            print(f"sink: frame {gap} never arrived (dora dropped it on the way)", flush=True)
         latency_ms = (time.monotonic_ns() - metadata["t_ns"]) / 1e6
         latencies.append(latency_ms)
         boxes, scores = value["boxes"].numpy(), value["scores"].numpy()
@@ -102,6 +110,7 @@ def main() -> None:
         report = {
             "frame_ids": [r["metadata"]["frame_id"] for r in received],
             "frames": received,
+            "missing": missing,
             "latency_ms": {"p50": float(p50), "p90": float(p90)},
             "decode_errors": dict(node.errors),
             "png": str(Path(png_path).resolve()) if latest is not None else None,
