@@ -100,16 +100,19 @@ def test_send_encodes_values_and_metadata() -> None:
     ],
     ids=["foreign", "wrong-array", "version"],
 )
-def test_bad_messages_are_logged_counted_and_skipped(
+def test_bad_messages_are_logged_once_counted_and_skipped(
     bad: dict[str, Any], reason: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    node = Node(RecordingMock([bad, tensor_event("x", np.arange(2)), bad]))
+    events = [bad, tensor_event("x", np.arange(2)), bad, bad]
+    node = Node(RecordingMock(events), foreign="error")
     values = [v.tolist() for _, v, _ in node]
     assert values == [[0, 1]]
-    assert node.errors == {"x": 2}
-    err = capsys.readouterr().err
-    assert "input 'x'" in err
-    assert reason in err
+    assert node.errors == {"x": 3}
+    lines = capsys.readouterr().err.splitlines()
+    logged = [line for line in lines if "skipped a message on input 'x'" in line]
+    assert len(logged) == 1, lines  # once per input and reason, then counted
+    assert reason in logged[0]
+    assert any(f"input 'x': 3 messages skipped ({reason}" in line for line in lines), lines
 
 
 def test_checksum_failures_are_skipped_with_verify() -> None:

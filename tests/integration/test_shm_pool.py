@@ -109,8 +109,10 @@ def test_fan_out_to_two_receivers_holding_views(tmp_path: Path, framework: str) 
 
 def test_sigkill_of_the_producer(tmp_path: Path) -> None:
     # "idle" never maps the pool, so its name outlives the producer: receivers remove it.
+    # Handles go to "idle" only because the producer trusts the descriptor; by default
+    # they wait for every receiver to open the pool (next test).
     nodes = [
-        producer(COUNT=400, KILL_AT=120),
+        producer(COUNT=400, KILL_AT=120, ARROW_TENSOR_SHM_TRUST="descriptor"),
         receiver("rx1", HOLD=3),
         receiver("rx2", HOLD=5),
         receiver("idle", DECODE=0),
@@ -123,6 +125,26 @@ def test_sigkill_of_the_producer(tmp_path: Path) -> None:
         assert got["torn"] == 0, output[-4000:]
         assert got["error"] == 0, output[-4000:]
         assert 40 <= got["shm"] <= 120
+    assert leftovers(dataflow) == []
+
+
+def test_a_receiver_that_never_opens_the_pool_gets_whole_messages(tmp_path: Path) -> None:
+    # Relay-safe handles (Note [Relay-safe handles]): "idle" (like a relay or a recorder)
+    # never opens the pool, so no handle is sent; the receiver that decodes gets every
+    # value in its message, probes included, and nothing is left in /dev/shm.
+    count = 40
+    nodes = [producer(COUNT=count), receiver("rx1", HOLD=3), receiver("idle", DECODE=0)]
+    code, output, dataflow = run(tmp_path, nodes)
+    assert code == 0, output[-4000:]
+    sent = report(output, "prod", "PRODUCER_DONE")
+    assert sent == {"shm": 0, "message": count}, output[-4000:]
+    warned = [line for line in output.splitlines() if "have not opened its shared-memory" in line]
+    assert len(warned) == 1, warned  # said once, on the first send
+    assert "'idle'" in warned[0]
+    got = report(output, "rx1", "RECEIVER_DONE")
+    assert got["torn"] == 0
+    assert got["error"] == 0
+    assert got["message"] >= count // 2
     assert leftovers(dataflow) == []
 
 

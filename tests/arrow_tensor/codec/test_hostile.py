@@ -821,14 +821,14 @@ def test_torch_tensors_without_wire_form(make, fragment: str) -> None:
         (np.float32(1.5), "got a numpy scalar numpy.float32; wrap it as a 0-d array"),
         (np.int64(3), "numpy scalar numpy.int64"),
         (np.bool_(True), "numpy scalar numpy.bool"),
-        (1.5, "expected a torch.Tensor or numpy.ndarray, got builtins.float"),
+        (1.5, "expected a torch.Tensor or numpy.ndarray (or a dict"),
+        (1.5, "pyarrow.Array, str or bytes), got builtins.float"),
         (3, "got builtins.int"),
         (True, "got builtins.bool"),
-        ("text", "got builtins.str"),
-        (b"bytes", "got builtins.bytes"),
         (None, "got builtins.NoneType"),
-        (pa.array([1, 2]), "convert it to numpy (np.asarray) or torch (torch.from_dlpack)"),
-        (memoryview(b"ab"), "got builtins.memoryview"),
+        (pa.chunked_array([[1, 2]]), "convert it to numpy (np.asarray) or torch"),
+        (memoryview(b"ab"), "got builtins.memoryview; send bytes(x)"),
+        (bytearray(b"ab"), "got builtins.bytearray; send bytes(x)"),
     ],
 )
 def test_encode_non_tensors(value: Any, fragment: str) -> None:
@@ -838,7 +838,7 @@ def test_encode_non_tensors(value: Any, fragment: str) -> None:
 
 def test_unsupported_is_also_a_type_error() -> None:
     with pytest.raises(TypeError):
-        at.encode("text")
+        at.encode(object())
 
 
 # --- torch side of a message ------------------------------------------------------------------

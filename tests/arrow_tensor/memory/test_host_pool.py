@@ -59,6 +59,9 @@ def pool_files() -> list[str]:
 @pytest.fixture(autouse=True)
 def producer_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(_host_pool, "LINGER_S", 0.0)  # nobody else will map these pools
+    # These receivers decode handles they were never probed for: trust the descriptor
+    # (test_relay_safe.py covers how receivers prove themselves).
+    monkeypatch.setenv("ARROW_TENSOR_SHM_TRUST", "descriptor")
     _blocks.set_identity(Identity(DATAFLOW, "prod"))
     yield
     pool.close()
@@ -442,6 +445,8 @@ def test_loan_rejects_bad_requests() -> None:
         with pytest.raises(at.UnsupportedTensorError, match="must be 'numpy' or 'torch'"):
             pool.loan(node, "out", (3,), np.float32, framework=device_framework)
     with pytest.raises(at.TransportError, match="a structure travels inline or chunked"):
+        pool.send(node, "out", [1, 2.5])
+    with pytest.raises(at.TransportError, match="a plain value travels inline"):
         pool.send(node, "out", [1, 2, 3])
     with pytest.raises(at.UnsupportedTensorError, match="numpy scalar"):
         pool.send(node, "out", np.float32(3))

@@ -19,6 +19,7 @@ from arrow_tensor.transport._decide import (
     FORCEABLE,
     HOST_COPY,
     INLINE,
+    PLAIN,
     RAW,
     SHM,
     TREE,
@@ -191,6 +192,33 @@ TABLE: list[tuple[str, OutputFacts, Payload, str | None, bool, tuple[str, ...]]]
         False,
         (CHUNKED,),
     ),
+    # --- plain values and plain outputs: one ordinary message any node reads
+    ("a plain value inline", LOCAL, Payload(100, kind=PLAIN, plain=True), None, False, (INLINE,)),
+    (
+        "a plain output never uses the pool, even for a loan",
+        LOCAL,
+        dense(GiB // 8, loaned=True, plain=True),
+        None,
+        False,
+        (INLINE,),
+    ),
+    (
+        "a plain output never compacts into a raw sample (bytes to a plain consumer)",
+        LOCAL,
+        strided(MiB, plain=True),
+        None,
+        False,
+        (INLINE,),
+    ),
+    (
+        "a plain output's device tensor goes by the host",
+        LOCAL,
+        Payload(0, kind=DEVICE, plain=True),
+        None,
+        False,
+        (HOST_COPY,),
+    ),
+    ("plain, forced inline", LOCAL, dense(MiB, plain=True), INLINE, False, (INLINE,)),
     # --- forced transports, honoured
     ("forced inline", LOCAL, strided(MiB), INLINE, False, (INLINE,)),
     ("forced raw, even dense and small", LOCAL, dense(64), RAW, False, (RAW,)),
@@ -238,6 +266,24 @@ REFUSED: list[tuple[str, OutputFacts, Payload, str | None, bool, str]] = [
         False,
         "does not fit",
     ),
+    (
+        "a structure on a plain output",
+        LOCAL,
+        Payload(64, 8, kind=TREE, plain=True),
+        None,
+        False,
+        "needs arrow_tensor to decode it",
+    ),
+    (
+        "a plain output past the cap: nobody there joins chunks",
+        LOCAL,
+        dense(300 * MiB, plain=True),
+        None,
+        False,
+        "cannot join chunks",
+    ),
+    ("a plain value forced raw", LOCAL, Payload(64, kind=PLAIN), RAW, False, "travels inline"),
+    ("a plain value through the pool", LOCAL, Payload(64, kind=PLAIN), SHM, False, "inline"),
 ]
 
 
@@ -270,7 +316,8 @@ _payloads = st.builds(
     nbytes=st.integers(0, 2 * GiB),
     width=st.sampled_from([1, 2, 4, 8]),
     needs_copy=st.booleans(),
-    kind=st.sampled_from(["tensor", TREE, DEVICE]),
+    kind=st.sampled_from(["tensor", TREE, DEVICE, PLAIN]),
+    plain=st.booleans(),
     loaned=st.booleans(),
     parallel_copy=st.booleans(),
     device_problem=st.sampled_from([None, "no legacy IPC"]),
@@ -281,10 +328,17 @@ _payloads = st.builds(
 def test_every_decision_keeps_the_rules(
     facts: OutputFacts, payload: Payload, forced: str | None, checksum: bool
 ) -> None:
+    plain = payload.plain or payload.kind == PLAIN
     try:
         routes = decide(facts, payload, forced, checksum)
     except TransportError:
-        assert forced is not None or payload.nbytes < 2, "only requests can be refused"
+        assert forced is not None or payload.nbytes < 2 or plain, "only requests are refused"
+        return
+    if plain:  # for consumers without arrow_tensor: one ordinary message, never a handle
+        assert routes == ((HOST_COPY,) if payload.kind == DEVICE else (INLINE,))
+        assert message_bytes(payload.nbytes, payload.width) <= facts.message_cap or (
+            payload.kind == DEVICE
+        )
         return
     assert routes, "there is always a route"
     assert decide(facts, payload, forced, checksum) == routes  # pure

@@ -25,10 +25,15 @@ event nor waits for timers: once ``STOP`` arrives, or every data input (an input
 source is not a dora timer) is closed, it keeps draining until dora's stream ends or no data
 input arrives for ``drain_timeout`` seconds, then ends. Every queued message is delivered.
 
-Messages that cannot be decoded (not ours, malformed, failed checksum) are reported on
-stderr with the input id and the reason, counted in ``Node.errors``, and skipped: one bad
-message never stops a node. Timer inputs and inputs listed in ``raw_inputs`` are passed
-through undecoded (timers as ``None``, raw inputs as the ``pyarrow`` array).
+Messages from nodes that do not use arrow_tensor (dora's node-hub cameras, array senders)
+are decoded by their conventions (``foreign``; Note [Foreign messages] in
+``codec._nodehub``): images as ``(H, W, C)`` numpy views, numeric arrays as 1-D views,
+the rest as the ``pyarrow`` array. Messages that cannot be decoded (malformed, a failed
+checksum) are skipped: one bad message never stops a node. The first skip or fallback of
+each input and reason is reported on stderr; later ones are only counted (``Node.errors``,
+``Node.fallbacks``), and the end of the stream prints a summary. Timer inputs and inputs
+listed in ``raw_inputs`` are passed through undecoded (timers as ``None``, raw inputs as
+the ``pyarrow`` array).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any
 from ._errors import ArrowTensorError
 from .codec import _schema
 from .transport import _facts
-from .transport._messages import Receiver
+from .transport._messages import FOREIGN_MODES, Receiver, checked_verify
 from .transport._send import loan, send
 
 __all__ = ["Input", "Node", "run"]
@@ -95,13 +100,32 @@ class Node:
     writable:
         Decode into private writable copies instead of read-only zero-copy views.
     verify:
-        Verify checksums of received messages (a message without one is an error).
+        ``"auto"`` (default): verify the checksum of every message that carries one;
+        ``True``: of every message (one without is skipped as an error); ``False``: never.
     checksum:
         Attach checksums to sent messages.
     raw_inputs:
         Input ids delivered undecoded (their ``value`` is the received ``pyarrow`` array).
     drain_timeout:
         Seconds to wait for queued inputs after the end was signalled (see the module note).
+    foreign:
+        Messages from nodes without arrow_tensor: ``"decode"`` (default) by the node-hub
+        conventions, ``"raw"`` as the received ``pyarrow`` array, ``"error"`` skipped. A
+        dict sets it per input id, ``"*"`` for the others.
+    plain_outputs:
+        Outputs whose tensors go the way consumers without arrow_tensor read them (C order,
+        the dtype's own Arrow type, image keys, never a handle; see ``send``'s ``plain``):
+        output ids, or ``"*"`` for all. Default: ``ARROW_TENSOR_PLAIN_OUTPUTS``.
+
+    Attributes
+    ----------
+    errors:
+        Messages skipped, by input id.
+    fallbacks:
+        Foreign messages delivered other than their convention promised (a JPEG frame
+        without OpenCV), by ``(input id, reason)``.
+    received:
+        Values delivered, by input id.
     """
 
     def __init__(
@@ -109,11 +133,18 @@ class Node:
         node: Any = None,
         *,
         writable: bool = False,
-        verify: bool = False,
+        verify: bool | str = "auto",
         checksum: bool = False,
         raw_inputs: Iterable[str] = (),
         drain_timeout: float = 0.5,
+        foreign: str | Mapping[str, str] = "decode",
+        plain_outputs: Iterable[str] | str | None = None,
     ) -> None:
+        self._foreign = _foreign_modes(foreign)
+        self._verify = checked_verify(verify)
+        if isinstance(plain_outputs, str):
+            plain_outputs = [p.strip() for p in plain_outputs.split(",") if p.strip()]
+        self._plain = None if plain_outputs is None else frozenset(plain_outputs)
         if node is None:
             from dora import Node as DoraNode
 
@@ -121,10 +152,12 @@ class Node:
         self.dora = node
         self.checksum = checksum
         self.errors: Counter[str] = Counter()
+        self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.received: Counter[str] = Counter()
+        self._skips: Counter[tuple[str, str]] = Counter()
         self.closed: set[str] = set()
         self.finished = False
-        self._writable, self._verify = writable, verify
+        self._writable = writable
         self._receivers: dict[str, Receiver] = {}
         self._raw = set(raw_inputs)
         self._drain_timeout = drain_timeout
@@ -199,14 +232,25 @@ class Node:
                 receiver.close()
             except ArrowTensorError as exc:
                 self._report(input_id, exc)
+        for what, counts in (("skipped", self._skips), ("delivered raw", self.fallbacks)):
+            for (input_id, reason), n in sorted(counts.items()):
+                if n > 1:
+                    _say(f"input {input_id!r}: {n} messages {what} ({reason})")
 
     def _report(self, input_id: str, exc: ArrowTensorError) -> None:
         self.errors[input_id] += 1
-        print(
-            f"arrow_tensor.node: skipped a message on input {input_id!r} "
-            f"({self.errors[input_id]} so far): {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+        reason = type(exc).__name__
+        self._skips[(input_id, reason)] += 1
+        if self._skips[(input_id, reason)] == 1:
+            _say(
+                f"skipped a message on input {input_id!r}: {reason}: {exc} (further "
+                f"{reason} skips on this input are counted, not logged: Node.errors)"
+            )
+
+    def _fallback(self, input_id: str, reason: str, text: str) -> None:
+        self.fallbacks[(input_id, reason)] += 1
+        if self.fallbacks[(input_id, reason)] == 1:
+            _say(f"input {input_id!r}: {text} (logged once; counted in Node.fallbacks)")
 
     def _start_draining(self) -> None:
         if not self._draining:
@@ -226,7 +270,12 @@ class Node:
             return Input(input_id, event.get("value"), metadata, stamp)
         receiver = self._receivers.get(input_id)
         if receiver is None:
-            receiver = Receiver(writable=self._writable, verify=self._verify)
+            receiver = Receiver(
+                writable=self._writable,
+                verify=self._verify,
+                foreign=self._foreign.get(input_id, self._foreign["*"]),
+                on_fallback=lambda reason, text, i=input_id: self._fallback(i, reason, text),
+            )
             self._receivers[input_id] = receiver
         try:
             value = receiver.receive(event.get("value"), raw_meta)
@@ -242,10 +291,15 @@ class Node:
         """A writable tensor in ``output``'s shared-memory pool, to fill and then ``send``.
 
         Sending it moves only a handle (see ``arrow_tensor.pool``); where the pool cannot be
-        used (a receiver on another machine, no free slot) it is an ordinary tensor and
-        ``send`` copies it. ``dtype`` is a torch or numpy dtype, or a wire dtype name.
+        used (a receiver on another machine, no free slot, a plain output) it is an
+        ordinary tensor and ``send`` copies it. ``dtype`` is a torch or numpy dtype, or a
+        wire dtype name.
         """
-        return loan(self.dora, output, shape, dtype)
+        return loan(self.dora, output, shape, dtype, plain=self._plain_flag(output))
+
+    def _plain_flag(self, output: str) -> bool | None:
+        """True for an output this node declared plain; None: as the environment says."""
+        return True if self._plain and _facts.is_plain(output, self._plain) else None
 
     def send(self, output: str, value: Any, **metadata: Any) -> str:
         """Encode ``value`` (tensor or structure) and send it on ``output``.
@@ -255,7 +309,9 @@ class Node:
         output:
             The output id, as listed under ``outputs:`` in the dataflow YAML.
         value:
-            A tensor, or a dict / list / tuple of tensors and scalars.
+            A tensor; a dict / list / tuple of tensors and scalars; or a plain value that
+            node-hub nodes read as they are: a ``pyarrow.Array``, a ``str`` (a one-element
+            string array), ``bytes`` (uint8), a flat list of only ints, floats or strs.
         **metadata:
             Your own keys (str, int, float, bool or homogeneous lists of them).
 
@@ -266,10 +322,28 @@ class Node:
 
         Raises
         ------
-        UnsupportedTensorError, MetadataError
-            For a value or metadata dora cannot carry; nothing is sent.
+        UnsupportedTensorError, MetadataError, TransportError
+            For a value or metadata dora cannot carry (or a plain output cannot); nothing is
+            sent.
         """
-        return send(self.dora, output, value, metadata, checksum=self.checksum)
+        plain = self._plain_flag(output)
+        return send(self.dora, output, value, metadata, checksum=self.checksum, plain=plain)
+
+
+def _say(text: str) -> None:
+    print(f"arrow_tensor.node: {text}", file=sys.stderr, flush=True)
+
+
+def _foreign_modes(foreign: str | Mapping[str, str]) -> dict[str, str]:
+    """``foreign`` as a mode per input id, ``"*"`` holding the default."""
+    modes = dict(foreign) if isinstance(foreign, Mapping) else {"*": foreign}
+    modes.setdefault("*", "decode")
+    for input_id, mode in modes.items():
+        if mode not in FOREIGN_MODES:
+            raise ValueError(
+                f"foreign mode of {input_id!r} must be one of {FOREIGN_MODES}, got {mode!r:.40}"
+            )
+    return modes
 
 
 def run(

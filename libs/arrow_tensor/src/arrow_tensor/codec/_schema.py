@@ -35,7 +35,13 @@ KIND_SHM = "shm"
 """A handle to a tensor in a producer's shared-memory pool (memory._host_pool)."""
 KIND_CUDA = "cuda"
 """A CUDA IPC descriptor: no payload bytes leave the device (memory.cuda)."""
-KINDS = (KIND_TENSOR, KIND_TREE, KIND_CHUNK, KIND_SHM, KIND_CUDA)
+KIND_PLAIN = "plain"
+"""A plain Arrow array as node-hub nodes send it: text, bytes, a flat list (codec._plain)."""
+KINDS = (KIND_TENSOR, KIND_TREE, KIND_CHUNK, KIND_SHM, KIND_CUDA, KIND_PLAIN)
+
+# Plain values (SPEC.md, Plain values).
+KEY_PLAIN = "at.plain"
+"""What the plain array stands for: ``arrow``, ``str``, ``bytes`` or ``list``."""
 
 # Structured payloads (SPEC.md, Structured payloads).
 KEY_TREE = "at.tree"
@@ -63,6 +69,9 @@ KEY_SHM_SLOT = "at.shm.slot"
 KEY_SHM_GENERATION = "at.shm.gen"
 KEY_SHM_SEQ = "at.shm.seq"
 KEY_SHM_OFFSET = "at.shm.offset"
+KEY_SHM_PROBE = "at.shm.probe"
+"""On a message that carries its value itself: a pool its receivers should open, so that
+the producer learns they can (Note [Relay-safe handles] in memory._host_pool)."""
 
 # CUDA IPC descriptors (SPEC.md, CUDA IPC descriptors).
 KEY_CUDA_BACKEND = "at.cuda.backend"

@@ -134,8 +134,13 @@ def compact(dest: np.ndarray, source: np.ndarray) -> None:
         np.copyto(dest, source)
 
 
-def plan(x: Any) -> TensorPlan:
-    """Plan the encoding of a numpy array or CPU torch tensor."""
+def plan(x: Any, c_order: bool = False) -> TensorPlan:
+    """Plan the encoding of a numpy array or CPU torch tensor.
+
+    ``c_order``: the payload in C order (identity permutation) whatever the layout, as
+    consumers that know nothing of ``at.tensor`` read it (plain outputs); a tensor that is
+    not C-contiguous is then compacted.
+    """
     if isinstance(x, np.ndarray) and not _is_masked(x):
         entry = _dtypes.from_numpy(x.dtype)
         bits, framework = x, "numpy"
@@ -148,9 +153,13 @@ def plan(x: Any) -> TensorPlan:
     problem = _schema.unencodable(bits.shape, bits.itemsize)
     if problem is not None:
         raise UnsupportedTensorError(problem)
-    perm, dense = _layout.analyse(bits.shape, bits.strides, bits.itemsize)
     order = bits.dtype.byteorder
     little = order in "<|" or (order == "=" and sys.byteorder == "little")
+    if c_order:
+        perm: tuple[int, ...] = tuple(range(bits.ndim))
+        header = _schema.encoder_header(entry, bits.shape, perm, framework)
+        return TensorPlan(header, bits, needs_copy=not (bits.flags.c_contiguous and little))
+    perm, dense = _layout.analyse(bits.shape, bits.strides, bits.itemsize)
     header = _schema.encoder_header(entry, bits.shape, perm, framework)
     return TensorPlan(header, bits.transpose(perm), needs_copy=not (dense and little))
 
@@ -168,9 +177,14 @@ def _unsupported_message(x: object) -> str:
         return f"got a numpy scalar {kind}; wrap it as a 0-d array with np.asarray(x)"
     if hasattr(x, "__cuda_array_interface__"):
         return f"got a GPU array {kind}; copy it to the host first (.get() or .cpu())"
+    if isinstance(x, (bytearray, memoryview)):
+        return f"got {kind}; send bytes(x) (plain bytes) or np.frombuffer(x, np.uint8)"
     if hasattr(x, "__array__") or hasattr(x, "__dlpack__"):
         return f"got {kind}; convert it to numpy (np.asarray) or torch (torch.from_dlpack) first"
-    return f"expected a torch.Tensor or numpy.ndarray, got {kind}"
+    return (
+        f"expected a torch.Tensor or numpy.ndarray (or a dict / list / tuple of them, or a "
+        f"pyarrow.Array, str or bytes), got {kind}"
+    )
 
 
 def encode_tensor(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
@@ -199,15 +213,26 @@ def encode_tensor(x: Any, checksum: bool = False) -> tuple[pa.Array, dict[str, A
     return encode_plan(plan(x), checksum)
 
 
-def encode_plan(p: TensorPlan, checksum: bool = False) -> tuple[pa.Array, dict[str, Any]]:
-    """``encode_tensor`` of an already made plan (the transport plans once, then decides)."""
+def encode_plan(
+    p: TensorPlan, checksum: bool = False, arrow_bool: bool = False
+) -> tuple[pa.Array, dict[str, Any]]:
+    """``encode_tensor`` of an already made plan (the transport plans once, then decides).
+
+    ``arrow_bool``: a bool tensor as Arrow's own (bit-packed) bool type, which consumers
+    that know nothing of ``at.tensor`` read as bools (plain outputs); one copy.
+    """
     storage = p.header.dtype.storage
-    if checksum or p.needs_copy:
+    bools = arrow_bool and p.header.dtype.name == "bool"
+    if checksum or p.needs_copy or bools:
         payload = p.payload()
         data = pa.py_buffer(payload)
     else:  # a dense source is C-ordered in physical order: its own bytes, two numpy calls less
         data = pa.py_buffer(p.source)
-    array = pa.Array.from_buffers(storage_type(storage), p.nbytes // storage.itemsize, [None, data])
+    if bools:
+        array = pa.array(payload.view(np.bool_), pa.bool_())
+    else:
+        length = p.nbytes // storage.itemsize
+        array = pa.Array.from_buffers(storage_type(storage), length, [None, data])
     metadata = p.header.to_metadata()
     if checksum:
         metadata[_schema.KEY_CHECKSUM] = _checksum.digest(p.header.describe(), payload)
@@ -291,6 +316,9 @@ def decode_tensor(
     """
     if header is None:
         header = _schema.parse_header(meta)
+    if type(array) is pa.BooleanArray and header.dtype.name == "bool" and not array.null_count:
+        # A plain output's bools, bit-packed by Arrow: one byte per element again (a copy).
+        array = pa.array(array.to_numpy(zero_copy_only=False).view(np.uint8), pa.uint8())
     buf = read_payload(array, header.nbytes)
     if verify:
         _checksum.verify(meta.get(_schema.KEY_CHECKSUM), header.describe(), buf)

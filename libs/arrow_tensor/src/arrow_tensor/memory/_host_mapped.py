@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .._errors import ShmHandleError
+from .._errors import ArrowTensorError, ShmHandleError
 from ..codec import _checksum, _schema
+from ..codec._memo import Memo
 from ..codec._tensor import view_tensor
 from ._blocks import (
     KIND_HOST,
@@ -71,6 +72,27 @@ def _open_pool(name: str) -> _MappedPool:
             mapped = _mapped[name] = _MappedPool(name, identity())
             notices().watch(name)
         return mapped
+
+
+_refused: Memo[str, bool] = Memo(256)
+"""Probed pool names this process cannot open (not a receiver of them, gone, hostile)."""
+
+
+def probe_pool(meta: Mapping[str, Any]) -> None:
+    """Open the pool ``at.shm.probe`` names, so that its producer learns this receiver can.
+
+    A hint, never an error: a name this process cannot open (it is not a receiver of that
+    pool, as behind a relay; the pool is gone) is remembered and skipped from then on.
+    See Note [Relay-safe handles] in ``_host_pool``.
+    """
+    name = meta.get(_schema.KEY_SHM_PROBE)
+    if type(name) is not str or name in _mapped or _refused.get(name, False):
+        return
+    try:
+        _mark_dropped()
+        _open_pool(name)
+    except ArrowTensorError:
+        _refused.remember(name, True)
 
 
 def _mark_dropped() -> None:

@@ -12,6 +12,18 @@ byte offset. A receiver opens each pool once (``_host_mapped``), checks the hand
 the pool's own header and views the slot with ``_tensor.view_tensor``; the view's base
 object carries a finalizer that releases the slot (``_slots.ReceiverSlots``).
 
+Note [Relay-safe handles]
+A handle is only good for a receiver that can open the pool: a relay (dora-echo), a
+recorder or a node written without arrow_tensor forwards or stores the message, and what
+reaches the far end is a name it cannot open. So, unless told to trust the dataflow
+descriptor, the transport sends handles only once *every* receiver of the output has
+shown it can: each has opened one of the pool's files (``receivers_proven``; the control
+block records it, ``_slots``). Until then the value travels in the message itself
+(ordinary or chunked) and carries ``at.shm.probe``, the name of a pool file
+(``probe_name``): an arrow_tensor receiver opens it while decoding the message as usual,
+and the producer's next send finds it proven. No message is lost or wrong while this is
+learned, and one that never proves itself (a relay) keeps getting whole messages.
+
 A tensor larger than the current capacity makes a new pool file (next power of two); the
 old one retires once its slots are free. Pages are reserved with ``posix_fallocate`` when a
 slot first grows, so a full /dev/shm turns into "no" (and the message path), never SIGBUS.
@@ -234,6 +246,9 @@ class OutputPool:
         self._loaned: dict[int, tuple[Any, _Segment, Lease, _schema.TensorHeader]] = {}
         self._retired: list[_Segment] = []
         self._lock = threading.RLock()
+        self._proven: set[int] = set()
+        """Receivers (by index) that opened one of this pool's files."""
+        self._all_proven = not self.receivers
         self._warned = False
         self.sent = 0
         """Handles sent through this pool."""
@@ -341,6 +356,31 @@ class OutputPool:
                 return True
         return False
 
+    # Who can open the pool (Note [Relay-safe handles]) -------------------------------
+    def receivers_proven(self) -> bool:
+        """True once every receiver has opened one of this pool's files."""
+        if self._all_proven:
+            return True
+        with self._lock:
+            for segment in (self._current, *self._retired):
+                if segment is not None:
+                    block = segment.block
+                    self._proven.update(
+                        r for r in range(block.n_receivers) if block.receiver_mapped(r)
+                    )
+            self._all_proven = len(self._proven) >= len(self.receivers)
+        return self._all_proven
+
+    def unproven_receivers(self) -> list[str]:
+        """The receivers that have not opened any of this pool's files yet."""
+        self.receivers_proven()
+        return [r for i, r in enumerate(self.receivers) if i not in self._proven]
+
+    def probe_name(self, nbytes: int) -> str:
+        """The name of a pool file for receivers to open (one is made for ``nbytes``)."""
+        with self._lock:
+            return self._segment_for(max(nbytes, 1)).name
+
     # Placing values ------------------------------------------------------------------
     def loaned_header(self, value: Any) -> _schema.TensorHeader | None:
         """The header of ``value`` if it is a loan of this pool, as loaned (no planning)."""
@@ -413,12 +453,16 @@ class OutputPool:
         return [s.name for s in (self._current, *self._retired) if s is not None]
 
     def close(self) -> None:
-        """Unlink every pool file, first waiting up to ``linger_s`` for receivers to map."""
+        """Unlink every pool file, first waiting up to ``linger_s`` for receivers to map.
+
+        Only handles in flight are waited for: a loan never sent, or a pool only probed
+        (Note [Relay-safe handles]), needs nobody to map it.
+        """
         with self._lock:
             segments = [s for s in (self._current, *self._retired) if s is not None]
             deadline = time.monotonic() + self.linger_s
             for segment in segments:
-                while not segment.all_mapped() and segment.slots.busy():
+                while not segment.all_mapped() and segment.slots.in_flight():
                     if time.monotonic() >= deadline:
                         break
                     time.sleep(0.01)

@@ -415,6 +415,14 @@ class ProducerSlots:
         with self._lock:
             return sum(not self._is_free(s) for s in range(len(self._slots)))
 
+    def in_flight(self) -> int:
+        """Number of slots sent as handles and not yet free again (loans not counted)."""
+        with self._lock:
+            return sum(
+                state.state != _LOANED and not self._is_free(s)
+                for s, state in enumerate(self._slots)
+            )
+
     def describe(self) -> str:
         """One line: how many slots are in which state."""
         names = ("free", "loaned", "in flight", "reclaiming")

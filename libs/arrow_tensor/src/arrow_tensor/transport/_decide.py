@@ -26,6 +26,12 @@ memoized result for a repeated layout, not a second copy of its rules. The route
 - ``chunked``: a value whose one message would exceed dora's cap on this route
   (``facts.message_cap``, the validity bitmap counted), in chunks (``_chunks``).
 
+A *plain* payload (a plain value: an Arrow array, text, bytes, a flat list; or any tensor
+on a plain output, ``payload.plain``) is for consumers that know nothing of arrow_tensor: it
+goes ``inline`` as one ordinary array, or, from a device, by ``host`` first. Never a handle,
+a raw sample (a uint8 array to them) or chunks: a value too large for one message is
+refused with a ``TransportError``, as is a structure on a plain output.
+
 A forced transport (``send(transport=...)``, for tests and benchmarks) is honoured or
 refused with a ``TransportError`` that says why; it is never silently replaced. ``shm`` is
 the one preference (``pool.send``): the pool wherever every receiver can map it, waiting
@@ -64,6 +70,8 @@ TREE = "tree"
 """An encoded structure (one array of words): inline or chunked."""
 DEVICE = "device"
 """A device array (torch CUDA, CuPy, pyarrow.cuda, the stand-in)."""
+PLAIN = "plain"
+"""A plain value (codec._plain): one Arrow array that any dora node reads as it is."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,10 @@ class Payload:
     needs_copy: bool = False
     """The payload must be compacted (non-dense or big-endian) before it can travel."""
     kind: str = TENSOR
-    """``TENSOR``, ``TREE`` or ``DEVICE``."""
+    """``TENSOR``, ``TREE``, ``DEVICE`` or ``PLAIN``."""
+    plain: bool = False
+    """For consumers that know nothing of arrow_tensor (a plain output): one C-ordered
+    message in the dtype's own Arrow type (Note [Choosing a transport])."""
     loaned: bool = False
     """The tensor lives in this output's shared-memory pool (``pool.loan``)."""
     parallel_copy: bool = False
@@ -113,6 +124,8 @@ def decide(
     """
     if forced is not None and forced not in FORCEABLE:
         raise TransportError(f"transport must be one of {FORCEABLE} or None, got {forced!r:.40}")
+    if payload.plain or payload.kind == PLAIN:
+        return _plain_routes(facts, payload, forced)
     if payload.kind == DEVICE:
         if forced is not None or facts.cuda_reason or payload.device_problem:
             return (HOST_COPY,)
@@ -154,6 +167,26 @@ def decide(
         or (payload.parallel_copy and fits_raw)
     )
     return (*routes, RAW, INLINE) if raw else (*routes, INLINE)
+
+
+def _plain_routes(facts: OutputFacts, payload: Payload, forced: str | None) -> tuple[str, ...]:
+    what = "a plain value" if payload.kind == PLAIN else f"plain output {facts.output_id!r}"
+    if forced not in (None, INLINE):
+        raise TransportError(f"{what} travels inline, as one ordinary array, not {forced!r}")
+    if payload.kind == TREE:
+        raise TransportError(
+            f"{what} carries tensors, Arrow arrays, text, bytes and flat lists that any node "
+            f"reads; a structure needs arrow_tensor to decode it: send it on another output"
+        )
+    if payload.kind == DEVICE:
+        return (HOST_COPY,)
+    if message_bytes(payload.nbytes, payload.width) > facts.message_cap:
+        raise TransportError(
+            f"{what}: a {payload.nbytes}-byte value does not fit one dora message "
+            f"({facts.message_cap} bytes), and a consumer that does not use arrow_tensor "
+            f"cannot join chunks; send it on an output that is not plain"
+        )
+    return (INLINE,)
 
 
 def _chunkable(payload: Payload) -> str:

@@ -82,6 +82,12 @@ class OutputFacts:
     """Largest IPC-encoded message dora accepts on this output's route."""
     shm_min_bytes: int = SHM_MIN_BYTES
     """Ordinary tensors from this size travel through the pool."""
+    plain: bool = False
+    """A plain output (``ARROW_TENSOR_PLAIN_OUTPUTS``): every value goes as one ordinary
+    array that consumers without arrow_tensor read right (Note [Choosing a transport])."""
+    trust_descriptor: bool = False
+    """Send shared-memory handles before the receivers have shown they can open the pool
+    (``ARROW_TENSOR_SHM_TRUST=descriptor``; Note [Relay-safe handles] in memory._host_pool)."""
 
     @property
     def receiver_ids(self) -> tuple[str, ...]:
@@ -191,6 +197,17 @@ def cuda_reason(
     return None
 
 
+def plain_outputs(environ: Mapping[str, str]) -> frozenset[str]:
+    """The outputs ``ARROW_TENSOR_PLAIN_OUTPUTS`` names (comma separated; ``*``: every one)."""
+    raw = environ.get("ARROW_TENSOR_PLAIN_OUTPUTS", "")
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
+def is_plain(output_id: str, names: frozenset[str] | set[str]) -> bool:
+    """Whether ``output_id`` is one of ``names`` (``*`` names every output)."""
+    return output_id in names or "*" in names
+
+
 def pool_bytes(node_config: Mapping[str, Any], environ: Mapping[str, str]) -> int:
     """The bytes of shared memory dora gives a node's outgoing samples.
 
@@ -228,6 +245,9 @@ def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None
     receivers = receivers_of(descriptor, node_id, output_id) if node_id else []
     machine = own_machine(descriptor, node_id or "", env)
     shm_min = config.setting("ARROW_TENSOR_SHM_MIN_BYTES", config.size, SHM_MIN_BYTES)
+    trust = config.setting(
+        "ARROW_TENSOR_SHM_TRUST", config.choice("proven", "descriptor"), "proven", environ=env
+    )
     no_dora = "this process is not a dora node (DORA_NODE_CONFIG names no node)"
     return OutputFacts(
         output_id=output_id,
@@ -242,6 +262,8 @@ def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None
         raw=callable(getattr(node, "send_output_raw", None)),
         message_cap=DORA_MESSAGE_CAP,
         shm_min_bytes=shm_min,
+        plain=is_plain(output_id, plain_outputs(env)),
+        trust_descriptor=trust == "descriptor",
     )
 
 

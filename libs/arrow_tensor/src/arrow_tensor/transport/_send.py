@@ -25,7 +25,7 @@ from .._errors import (
     PoolExhaustedError,
     TransportError,
 )
-from ..codec import _layout, _schema, _tensor, _tree
+from ..codec import _layout, _nodehub, _plain, _schema, _tensor, _tree
 from ..codec._tensor import TensorPlan
 from ..memory._blocks import ANONYMOUS
 from ..memory._host_pool import private_tensor
@@ -39,6 +39,7 @@ from ._decide import (
     DEVICE,
     HOST_COPY,
     INLINE,
+    PLAIN,
     RAW,
     RAW_MIN_BYTES,
     SHM,
@@ -70,11 +71,13 @@ class Outgoing:
     made on demand for a loan, which its pool already describes (``tensor_plan``)."""
     tree: _tree.TreePlan | None = None
     """Structures: the codec's plan of every leaf."""
+    encoded: tuple[pa.Array, dict[str, Any]] | None = None
+    """Plain values: the one array they travel as, and its ``at.`` keys."""
 
     def tensor_plan(self) -> TensorPlan:
         """The codec's plan of this host tensor, made on first use."""
         if self.plan is None:
-            self.plan = _tensor.plan(self.value)
+            self.plan = _tensor.plan(self.value, c_order=self.payload.plain)
         return self.plan
 
 
@@ -86,6 +89,7 @@ def send(
     *,
     checksum: bool = False,
     transport: str | None = None,
+    plain: bool | None = None,
 ) -> str:
     """Encode ``value`` and send it on ``output_id`` of the dora ``node``.
 
@@ -96,8 +100,10 @@ def send(
     output_id:
         One of the node's outputs.
     value:
-        What ``arrow_tensor.encode`` accepts: a tensor (numpy, torch on any device, CuPy)
-        or a dict / list / tuple nesting tensors and scalars.
+        What ``arrow_tensor.encode`` accepts: a tensor (numpy, torch on any device, CuPy),
+        a dict / list / tuple nesting tensors and scalars, or a plain value (a
+        ``pyarrow.Array``, ``str``, ``bytes``, a flat list of ints, floats or strs) sent as
+        the one Arrow array node-hub nodes expect.
     metadata:
         Your own flat keys (not ``at.``-prefixed, not dora's reserved ones).
     checksum:
@@ -108,6 +114,11 @@ def send(
         ``"raw"`` or ``"chunked"`` force one (tests, benchmarks) or raise
         ``TransportError`` saying why it cannot be; ``"shm"`` prefers the shared-memory
         pool (``pool.send``).
+    plain:
+        Send a tensor the way consumers that know nothing of arrow_tensor read it: one
+        C-ordered array of the dtype's own Arrow type, with node-hub image keys for image
+        shapes, never a handle (the ``at.`` header still travels). ``None``: as
+        ``ARROW_TENSOR_PLAIN_OUTPUTS`` says for this output.
 
     Returns
     -------
@@ -119,12 +130,14 @@ def send(
     UnsupportedTensorError, MetadataError, TransportError
         For values, metadata or forced transports arrow_tensor cannot send; nothing is sent.
     """
-    if transport is None and not checksum:
+    if transport is None and not checksum and not plain:
         sent = _fast_send(node, output_id, value, metadata)
         if sent is not None:
             return sent
     state = state_of(node, output_id)
-    return _execute(state, prepare(state, value, user_metadata(metadata), checksum, transport))
+    plain = state.facts.plain if plain is None else plain
+    out = prepare(state, value, user_metadata(metadata), checksum, transport, plain)
+    return _execute(state, out)
 
 
 def _execute(state: OutputState, out: Outgoing) -> str:
@@ -164,7 +177,7 @@ def _address(value: Any) -> int | None:
     return value.data_ptr()
 
 
-def tensor_payload(state: OutputState, value: Any, p: TensorPlan) -> Payload:
+def tensor_payload(state: OutputState, value: Any, p: TensorPlan, plain: bool = False) -> Payload:
     """The decision's view of a planned host tensor (the fast path learns through it too)."""
     pool = state.pool
     return Payload(
@@ -172,6 +185,7 @@ def tensor_payload(state: OutputState, value: Any, p: TensorPlan) -> Payload:
         width=p.header.dtype.storage.itemsize,
         needs_copy=p.needs_copy,
         kind=TENSOR,
+        plain=plain,
         loaned=pool is not None and p.nbytes > 0 and pool.owns(_address(value)),
         parallel_copy=_tensor.copies_in_parallel(p.nbytes),
     )
@@ -183,8 +197,9 @@ def prepare(
     extra: dict[str, Any],
     checksum: bool,
     forced: str | None,
+    plain: bool = False,
 ) -> Outgoing:
-    """Plan ``value`` once and describe it for the decision.
+    """Plan ``value`` once and describe it for the decision (``plain``: for a plain output).
 
     Raises
     ------
@@ -192,21 +207,27 @@ def prepare(
         For anything without an exact wire form, naming the alternative.
     """
     if _is_host_tensor(value):
-        header = state.pool.loaned_header(value) if state.pool is not None else None
+        header = None if state.pool is None or plain else state.pool.loaned_header(value)
         if header is not None:  # a loan, untouched: its pool describes it, nothing to plan
             payload = Payload(header.nbytes, header.dtype.storage.itemsize, loaned=True)
             return Outgoing(value, payload, extra, checksum, forced)
-        p = _tensor.plan(value)
-        payload = tensor_payload(state, value, p)
+        p = _tensor.plan(value, c_order=plain)
+        payload = tensor_payload(state, value, p, plain)
         return Outgoing(value, payload, extra, checksum, forced, plan=p)
     if is_device_array(value):
-        payload = Payload(0, kind=DEVICE, device_problem=legacy_ipc_problem(value, os.environ))
+        problem = legacy_ipc_problem(value, os.environ)
+        payload = Payload(0, kind=DEVICE, plain=plain, device_problem=problem)
         return Outgoing(value, payload, extra, checksum, forced)
+    if _plain.plain_form(value) is not None:
+        array, meta = _plain.encode_plain(value, checksum=checksum)
+        payload = Payload(array.nbytes, kind=PLAIN, plain=True)
+        return Outgoing(value, payload, extra, checksum, forced, encoded=(array, meta))
     if isinstance(value, (dict, list, tuple)):
         tp = _tree.plan_tree(value)
-        return Outgoing(value, Payload(tp.nbytes, 8, kind=TREE), extra, checksum, forced, tree=tp)
-    p = _tensor.plan(value)  # raises, saying what this value is and what would do
-    return Outgoing(value, tensor_payload(state, value, p), extra, checksum, forced, plan=p)
+        payload = Payload(tp.nbytes, 8, kind=TREE, plain=plain)
+        return Outgoing(value, payload, extra, checksum, forced, tree=tp)
+    p = _tensor.plan(value, c_order=plain)  # raises, saying what this value is and what would do
+    return Outgoing(value, tensor_payload(state, value, p, plain), extra, checksum, forced, plan=p)
 
 
 # Executors: each sends and returns its route, or declines with None -----------------------
@@ -234,11 +255,25 @@ def _send_host(state: OutputState, out: Outgoing) -> str | None:
     if reason and out.forced is None:
         host_path(state, reason)
     host = to_host(out.value)  # the host path's one device-to-host copy
-    return _execute(state, prepare(state, host, out.extra, out.checksum, out.forced))
+    plain = out.payload.plain
+    return _execute(state, prepare(state, host, out.extra, out.checksum, out.forced, plain))
 
 
 def _send_shm(state: OutputState, out: Outgoing) -> str | None:
     pool = state.shm_pool()
+    if not (state.facts.trust_descriptor or pool.receivers_proven()):
+        # Note [Relay-safe handles]: this value goes in its message, which asks every
+        # receiver to open the pool; handles follow once all of them have.
+        out.extra[_schema.KEY_SHM_PROBE] = pool.probe_name(out.payload.nbytes)
+        waiting = pool.unproven_receivers()
+        state.warn_once(
+            "unproven",
+            f"output {state.facts.output_id!r}: receivers {waiting} have not opened its "
+            f"shared-memory pool yet (a relay, a recorder, a node without arrow_tensor?): "
+            f"values travel in the messages themselves until each of them has "
+            f"(ARROW_TENSOR_SHM_TRUST=descriptor sends handles from the first message)",
+        )
+        return None
     handle = pool.place_loan(out.value) if out.payload.loaned else None
     if handle is None:
         # An ordinary tensor never waits for a slot: the message path is as fast as a copy
@@ -273,9 +308,18 @@ def _send_raw(state: OutputState, out: Outgoing) -> str | None:
 
 
 def _send_inline(state: OutputState, out: Outgoing) -> str | None:
+    if out.encoded is not None:  # a plain value: the one array it is
+        array, meta = out.encoded
+        meta = {**meta, **out.extra}
+        if out.payload.nbytes >= RAW_MIN_BYTES:
+            check_pool(state, message_bytes(out.payload.nbytes))
+        state.node.send_output(state.facts.output_id, array, meta)
+        return INLINE
     if out.tree is None:
         p = out.tensor_plan()
-        array, meta = _tensor.encode_plan(p, checksum=out.checksum)
+        array, meta = _tensor.encode_plan(p, checksum=out.checksum, arrow_bool=out.payload.plain)
+        if out.payload.plain:  # node-hub consumers read images by these keys
+            meta.update(_nodehub.image_keys(p.header.shape, p.header.dtype.name))
         nbytes, width = p.nbytes, out.payload.width
     else:
         array, meta = _tree.encode_plan(out.tree, checksum=out.checksum)
@@ -435,7 +479,7 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
     or negative bits, whose resolved copy has a layout of its own) teaches nothing; complex
     torch tensors, whose conjugate bit would need a check per message, keep the full path.
     """
-    if state.pool is not None:  # this output loans: the full path knows a loaned tensor
+    if state.pool is not None or state.facts.plain:  # loans, plain outputs: the full path
         return FAST_SENDS.remember(key, None)
     if type(value) is not np.ndarray and (
         not value.is_cpu or value.is_neg() or value.is_conj() or value._is_zerotensor()
@@ -469,14 +513,21 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
 
 # Loans ----------------------------------------------------------------------------------
 def loan(
-    node: Any, output_id: str, shape: Sequence[int], dtype: Any, framework: str | None = None
+    node: Any,
+    output_id: str,
+    shape: Sequence[int],
+    dtype: Any,
+    framework: str | None = None,
+    plain: bool | None = None,
 ) -> Any:
     """A writable tensor in ``output_id``'s shared-memory pool (see ``arrow_tensor.pool``).
 
-    Where the pool cannot reach every receiver (``facts.shm_reason``), an ordinary private
-    tensor: the code stays the same and the value travels as a message.
+    Where the pool cannot reach every receiver (``facts.shm_reason``), or on a plain output
+    (``plain``, else ``ARROW_TENSOR_PLAIN_OUTPUTS``), an ordinary private tensor: the code
+    stays the same and the value travels as a message.
     """
     state = state_of(node, output_id)
-    if state.facts.shm_reason is not None:
+    plain = state.facts.plain if plain is None else plain
+    if state.facts.shm_reason is not None or plain:
         return private_tensor(shape, dtype, framework)
     return state.shm_pool().loan(shape, dtype, framework)
