@@ -528,3 +528,62 @@ def test_the_dataflow_descriptor_is_read_once_per_output() -> None:
     assert len(reads) == 1
     send(node, "other", np.zeros(16))
     assert len(reads) == 2
+
+
+class DaemonPathNode(DoraLikeNode):
+    """A node whose output dora put on its daemon path: messages over ``limit`` refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__([])
+        self.limit = limit
+
+    def _check(self, nbytes: int) -> None:
+        if nbytes > self.limit:
+            raise RuntimeError(
+                f'Failed to send: output error: output "out": IPC-encoded message is {nbytes} '
+                f"bytes, exceeding the {self.limit}-byte daemon transport limit (the output "
+                f"is on the daemon path)"
+            )
+
+    def send_output(self, output_id: str, data: Any, metadata: dict | None = None) -> None:
+        self._check(data.nbytes)
+        super().send_output(output_id, data, metadata)
+
+    def send_output_raw(self, output_id: str, nbytes: int, metadata: dict | None = None) -> Any:
+        self._check(nbytes)
+        return super().send_output_raw(output_id, nbytes, metadata)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.arange(1 << 19, dtype=np.float32),  # 2 MiB dense: inline, by the fast path
+        np.arange(1 << 20, dtype=np.float32)[::2],  # 2 MiB to compact: raw
+        {"a": np.arange(1 << 19, dtype=np.float32)},  # a structure
+    ],
+    ids=["inline", "raw", "tree"],
+)
+def test_a_route_with_a_lower_cap_is_learned_from_doras_refusal(value: Any) -> None:
+    node = DaemonPathNode(limit=1 << 20)
+    assert send(node, "out", value) == "chunked"
+    assert send(node, "out", value) == "chunked"  # decided with the learned cap from now on
+    assert all(m["at.kind"] == "chunk" for _, _, m, _ in node.sent)
+    values = _deliver(node, Receiver())
+    assert len(values) == 2
+    for got in values:
+        if isinstance(value, dict):
+            assert np.array_equal(got["a"], value["a"])
+        else:
+            assert np.array_equal(got, value)
+    warnings = [log["message"] for log in node.logs if "daemon path" in log["message"]]
+    assert len(warnings) == 1
+    assert str(1 << 20) in warnings[0]
+
+
+def test_other_dora_errors_are_not_taken_for_a_cap() -> None:
+    class Broken(DoraLikeNode):
+        def send_output(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("Failed to send: the daemon is gone")
+
+    with pytest.raises(RuntimeError, match="daemon is gone"):
+        send(Broken([]), "out", np.zeros(4))

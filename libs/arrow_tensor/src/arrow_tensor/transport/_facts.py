@@ -7,8 +7,11 @@ and machine, the receivers and their machines (from the dataflow descriptor), wh
 shared-memory handles or CUDA IPC cannot be used here (or None), the size of dora's
 shared-memory pool for this node, whether the node has raw samples, dora's message cap
 and the pool threshold. The descriptor does not change while a dataflow runs, so neither
-do the facts, with one exception learned by trying: a node whose ``send_output_raw``
-refuses (``dora.testing.MockNode``) has no raw samples, and its facts are replaced once.
+do the facts, with two exceptions learned by trying: a node whose ``send_output_raw``
+refuses (``dora.testing.MockNode``) has no raw samples; and an output dora put on its
+daemon path (its start-up handshake did not complete in time, or the receiver is on
+another machine) carries at most 64 MiB per message, which dora's refusal names
+(``refused_cap``). Either way the facts are replaced once and the value decided again.
 
 The mutable per-output state sits beside the facts in ``OutputState``: the output's
 shared-memory pool once it has one, and what was already said to the user. This module
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -50,6 +54,13 @@ which holds no slot; above it the pool beats chunking (benchmarks/README.md)."""
 EXTENSION_NS = "arrow_tensor.shm"
 """The namespace of arrow_tensor's entries in dora's extension table (crash notices)."""
 _NO_CUDA = ("", "-1", "none", "void", "nodevfiles")
+_DAEMON_LIMIT = re.compile(r"exceeding the (\d+)-byte daemon transport limit")
+
+
+def refused_cap(exc: BaseException) -> int | None:
+    """The per-message cap dora names when it refused a message as too big, else None."""
+    match = _DAEMON_LIMIT.search(str(exc))
+    return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -287,6 +298,19 @@ class OutputState:
         if self.facts.raw:
             self.facts = replace(self.facts, raw=False)
             self.forget_fast()
+
+    def lower_message_cap(self, cap: int) -> None:
+        """Learned: dora carries at most ``cap`` bytes per message on this output's route."""
+        if cap < self.facts.message_cap:
+            self.facts = replace(self.facts, message_cap=cap)
+            self.forget_fast()
+            self.warn_once(
+                "cap",
+                f"arrow_tensor: dora put output {self.facts.output_id!r} on its daemon path, "
+                f"which carries at most {cap} bytes per message; larger values go in chunks "
+                f"from now on (give the node a `shared_memory_pool_size` and send after its "
+                f"receivers are up to keep dora's shared-memory route)",
+            )
 
     def shm_pool(self) -> OutputPool:
         """The output's pool, made on first use (only when ``facts.shm_reason`` is None)."""

@@ -50,7 +50,7 @@ from ._decide import (
     max_chunk_payload,
     message_bytes,
 )
-from ._facts import FAST_SENDS, OutputState, state_of
+from ._facts import FAST_SENDS, OutputState, refused_cap, state_of
 from ._metadata import KEYS_OK, PLAIN_TYPES, user_metadata
 
 _EMPTY = pa.array([], pa.uint8())
@@ -143,8 +143,8 @@ def send(
 def _execute(state: OutputState, out: Outgoing) -> str:
     """Try the decided routes in order; the first that sends wins.
 
-    A route that declines because it learned a fact (a node without raw samples) has the
-    decision taken again with the new facts.
+    A route that declines because it learned a fact (a node without raw samples, a lower
+    message cap dora refused a message for) has the decision taken again with the new facts.
     """
     facts = None
     routes: tuple[str, ...] = ()
@@ -152,7 +152,12 @@ def _execute(state: OutputState, out: Outgoing) -> str:
         facts = state.facts
         routes = decide(facts, out.payload, out.forced, out.checksum)
         for route in routes:
-            sent = _EXECUTORS[route](state, out)
+            try:
+                sent = _EXECUTORS[route](state, out)
+            except RuntimeError as exc:  # dora's own refusal; only a size limit is learned
+                if not _learned_cap(state, exc):
+                    raise
+                break
             if sent is not None:
                 return sent
             if state.facts is not facts:
@@ -160,6 +165,15 @@ def _execute(state: OutputState, out: Outgoing) -> str:
     raise TransportError(
         f"output {state.facts.output_id!r}: every route declined ({', '.join(routes)})"
     )
+
+
+def _learned_cap(state: OutputState, exc: RuntimeError) -> bool:
+    """True if dora refused a message as too big for its route: the lower cap is learned."""
+    cap = refused_cap(exc)
+    if cap is None or cap >= state.facts.message_cap:
+        return False
+    state.lower_message_cap(cap)
+    return True
 
 
 # Preparing a value ------------------------------------------------------------------------
@@ -442,23 +456,26 @@ def _fast_send(node: Any, output_id: str, value: Any, metadata: Any) -> str | No
             bits = _numpy_or_none(value)
             if bits is None:
                 return None
-    if not entry.raw:
-        if kind is np.ndarray:
-            if entry.perm is not None:
-                bits = bits.transpose(entry.perm)
-            bits = pa.py_buffer(bits)
-        node.send_output(
-            output_id, pa.Array.from_buffers(entry.arrow_type, entry.length, [None, bits]), meta
-        )
-        return INLINE
-    if entry.perm is not None:
-        bits = bits.transpose(entry.perm)
     try:
+        if not entry.raw:
+            if kind is np.ndarray:
+                if entry.perm is not None:
+                    bits = bits.transpose(entry.perm)
+                bits = pa.py_buffer(bits)
+            array = pa.Array.from_buffers(entry.arrow_type, entry.length, [None, bits])
+            node.send_output(output_id, array, meta)
+            return INLINE
+        if entry.perm is not None:
+            bits = bits.transpose(entry.perm)
         with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
             _tensor.write_into(sample, bits)
     except NotImplementedError:  # dora.testing.MockNode: nothing was sent
         entry.state.no_raw_samples()
         return None
+    except RuntimeError as exc:  # too big for the route dora chose: decided again, chunked
+        if _learned_cap(entry.state, exc):
+            return None
+        raise
     return RAW
 
 
