@@ -572,6 +572,25 @@ def test_send_shares_cuda_memory_and_the_receiver_rebuilds_it(sb: Any) -> None:
     np.testing.assert_array_equal(out, x.view.T)
 
 
+def test_behind_a_relay_a_cuda_descriptor_is_refused_clearly(sb: Any) -> None:
+    """CUDA descriptors are not relay-safe (README): the far end says why, never guesses."""
+    relayed = {
+        "nodes": [
+            {"id": "cam", "inputs": {}},
+            {"id": "echo", "inputs": {"x": "cam/out"}},
+            {"id": "far", "inputs": {"x": "echo/out"}},
+        ]
+    }
+    as_node("cam")
+    node = RecordingMock(dataflow_descriptor=relayed, dataflow_id=DATAFLOW)
+    x = host(sb, np.arange(6, dtype=np.float32))
+    assert at.send(node, "out", x) == "cuda"
+    _, array, meta = node.sent[-1]
+    as_node("far")  # dora-echo forwarded the message unchanged
+    with pytest.raises(ShmHandleError, match="'far' is not a receiver"):
+        at.Receiver().receive(array, meta)
+
+
 @pytest.mark.parametrize(
     ("descriptor", "environ", "reason"),
     [

@@ -57,10 +57,11 @@ def test_without_plain_the_same_view_is_what_a_plain_consumer_misreads() -> None
     assert torch.equal(at.decode(array, meta), hwc)
 
 
-def test_the_senders_own_encoding_key_wins() -> None:
+def test_the_senders_own_encoding_key_wins_but_the_size_is_the_tensors() -> None:
     bgr = np.zeros((4, 6, 3), np.uint8)
     node = DoraLikeNode([])
-    send(node, "image", bgr, {"encoding": "bgr8"}, plain=True)
+    camera = {"encoding": "bgr8", "width": 640, "height": 480, "primitive": "image"}
+    send(node, "image", bgr, camera, plain=True)  # a crop, sent with its camera's metadata
     meta = node.sent[0][2]
     assert meta["encoding"] == "bgr8"
     assert (meta["width"], meta["height"]) == (6, 4)

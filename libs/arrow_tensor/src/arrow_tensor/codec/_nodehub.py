@@ -220,13 +220,14 @@ IMAGE_ENCODINGS = {
 """The ``encoding`` a plain output gives an image-shaped tensor, by channels and dtype."""
 
 
-def image_keys(shape: tuple[int, ...], dtype: str) -> dict[str, Any]:
+def image_keys(shape: tuple[int, ...], dtype: str, encoding: object = None) -> dict[str, Any]:
     """The node-hub image keys for a tensor of ``shape`` and wire ``dtype``, or {}.
 
     ``(H, W, 3|4)`` and ``(H, W)`` uint8/uint16 tensors are images to node-hub consumers
-    (opencv-plot, dora-rerun): ``encoding`` (RGB order is assumed; a sender of BGR frames
-    says so with its own ``encoding`` key, which wins), ``width``, ``height`` and
-    ``primitive: "image"``.
+    (opencv-plot, dora-rerun): ``encoding``, ``width``, ``height`` and ``primitive:
+    "image"``. RGB order is assumed; a sender of BGR frames says so with its own
+    ``encoding`` (passed here), which wins. The size always comes from the shape, never
+    from keys forwarded with the tensor (a crop keeps its camera's metadata).
     """
     if len(shape) == 3:
         channels: int | None = shape[2]
@@ -234,10 +235,11 @@ def image_keys(shape: tuple[int, ...], dtype: str) -> dict[str, Any]:
         channels = None
     else:
         return {}
-    encoding = IMAGE_ENCODINGS.get((channels, dtype))
-    if encoding is None or not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE):
+    derived = IMAGE_ENCODINGS.get((channels, dtype))
+    if derived is None or not (1 <= shape[0] <= MAX_SIDE and 1 <= shape[1] <= MAX_SIDE):
         return {}
-    return {"encoding": encoding, "width": shape[1], "height": shape[0], "primitive": "image"}
+    chosen = encoding if isinstance(encoding, str) else derived
+    return {"encoding": chosen, "width": shape[1], "height": shape[0], "primitive": "image"}
 
 
 @functools.cache

@@ -99,7 +99,9 @@ def wants_check(verify: bool | str, meta: object) -> bool:
     """Whether a message with ``meta`` is checked under ``verify`` (see ``VERIFY_MODES``)."""
     if verify is True:
         return True
-    return verify == "auto" and isinstance(meta, Mapping) and _schema.KEY_CHECKSUM in meta
+    if verify != "auto":
+        return False
+    return (type(meta) is dict or isinstance(meta, Mapping)) and _schema.KEY_CHECKSUM in meta
 
 
 def decode(
@@ -142,7 +144,10 @@ def decode(
         Subclasses of ``ArrowTensorError``; the message says what was received and what
         was expected.
     """
-    check = wants_check(checked_verify(verify), metadata)
+    if verify is False or verify is True:
+        check = verify
+    else:
+        check = wants_check(checked_verify(verify), metadata)
     if not (writable or check or device):
         value = _tensor.fast_decode(array, metadata)
         if value is not None:
@@ -246,10 +251,13 @@ class Receiver:
             ``PayloadError``, ``ChecksumError`` for bad messages.
         """
         verify = self.verify
-        if verify is True or (verify and wants_check(verify, metadata)):
-            check = True
+        if verify is False or verify is True:
+            check = verify
+        elif type(metadata) is dict:  # "auto", on what dora delivers
+            check = _schema.KEY_CHECKSUM in metadata
         else:
-            check = False
+            check = wants_check(verify, metadata)
+        if not check:
             if not (self.writable or self.device):
                 value = _tensor.fast_decode(array, metadata)
                 if value is not None:

@@ -332,13 +332,15 @@ def _send_inline(state: OutputState, out: Outgoing) -> str | None:
     if out.tree is None:
         p = out.tensor_plan()
         array, meta = _tensor.encode_plan(p, checksum=out.checksum, arrow_bool=out.payload.plain)
+        meta.update(out.extra)
         if out.payload.plain:  # node-hub consumers read images by these keys
-            meta.update(_nodehub.image_keys(p.header.shape, p.header.dtype.name))
+            user_encoding = out.extra.get("encoding")
+            meta.update(_nodehub.image_keys(p.header.shape, p.header.dtype.name, user_encoding))
         nbytes, width = p.nbytes, out.payload.width
     else:
         array, meta = _tree.encode_plan(out.tree, checksum=out.checksum)
+        meta.update(out.extra)
         nbytes, width = out.tree.nbytes, 8
-    meta.update(out.extra)
     if nbytes >= RAW_MIN_BYTES:  # smaller messages live on dora's heap, not in its pool
         check_pool(state, message_bytes(nbytes, width))
     state.node.send_output(state.facts.output_id, array, meta)
