@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import ArrowTensorError
+from ._errors import ArrowTensorError, IncompleteTransferError
 from .codec import _schema
 from .transport import _facts
 from .transport._messages import FOREIGN_MODES, Receiver, checked_verify
@@ -195,7 +195,13 @@ class Node:
                 if self._draining and time.monotonic() >= self._drain_deadline:
                     self._finish()
                 return None
+            expiry = self._chunk_expiry()  # wake up to drop a chunked value that lost a chunk
+            if expiry is not None:
+                until = max(expiry - time.monotonic(), 0.001)
+                wait = until if wait is None else min(wait, until)
             event = self.dora.next(timeout=wait) if wait is not None else self.dora.next()
+            if expiry is not None:
+                self._expire_chunks()
             if event is None:
                 self._finish()
                 return None
@@ -224,6 +230,15 @@ class Node:
                 f"arrow_tensor.node: dora error: {str(event.get('error'))[:300]}", file=sys.stderr
             )
         return None
+
+    def _chunk_expiry(self) -> float | None:
+        times = [t for r in self._receivers.values() if (t := r.next_expiry()) is not None]
+        return min(times) if times else None
+
+    def _expire_chunks(self) -> None:
+        for input_id, receiver in self._receivers.items():
+            for text in receiver.expired():
+                self._report(input_id, IncompleteTransferError(text))
 
     def _finish(self) -> None:
         self.finished = True

@@ -25,6 +25,7 @@ import math
 import os
 import secrets
 import sys
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from ..codec._tensor import TensorPlan
 MAX_CHUNKS = 1 << 16
 DEFAULT_MAX_TRANSFER_BYTES = 64 << 30
 DEFAULT_MAX_TRANSFERS = 4
+DEFAULT_IDLE_S = 10.0
+"""A chunked value with no new chunk for this long lost one (``ARROW_TENSOR_CHUNK_TIMEOUT``):
+chunks of one value leave back to back, paced at most (``_facts.REMOTE_RATE``)."""
 
 # One stream per sending process and output: a new transfer on a stream abandons the last.
 _PROCESS_TOKEN = secrets.token_hex(8)
@@ -133,12 +137,14 @@ def send_chunks(
     user_meta: Mapping[str, Any],
     *,
     raw: bool = True,
+    pace: Callable[[int], None] | None = None,
 ) -> int:
     """Send ``pieces`` as chunk messages of one transfer; returns the number sent.
 
     ``header_meta`` is the codec metadata of the whole value (its checksum, if any, goes on
     the last chunk only). ``raw`` writes each piece into a ``send_output_raw`` sample (one
     copy); otherwise each piece is compacted into a private buffer and sent inline.
+    ``pace(nbytes)`` is called before each chunk (waits toward other machines).
     """
     if len(pieces) > MAX_CHUNKS:
         raise PayloadError(f"{total} bytes would need {len(pieces)} chunks; at most {MAX_CHUNKS}")
@@ -158,6 +164,8 @@ def send_chunks(
         meta[_schema.KEY_CHUNK_OFFSET] = piece.offset
         if index == len(pieces) - 1 and _schema.KEY_CHECKSUM in header_meta:
             meta[_schema.KEY_CHECKSUM] = header_meta[_schema.KEY_CHECKSUM]
+        if pace is not None:
+            pace(piece.nbytes)
         if raw:
             with node.send_output_raw(output_id, piece.nbytes, meta) as sample:
                 piece.write(sample)
@@ -205,6 +213,8 @@ class _Transfer:
     buffer: np.ndarray
     next_index: int = 0
     offset: int = 0
+    last_at: float = 0.0
+    """``time.monotonic()`` of its latest chunk."""
 
 
 class Reassembler:
@@ -217,11 +227,17 @@ class Reassembler:
     max_transfers:
         Transfers (senders) in flight at once; starting one more drops the oldest with an
         ``IncompleteTransferError``.
+    idle_s:
+        A transfer with no new chunk for this long lost one (``expired``).
     """
 
     def __init__(
-        self, max_transfer_bytes: int | None = None, max_transfers: int = DEFAULT_MAX_TRANSFERS
+        self,
+        max_transfer_bytes: int | None = None,
+        max_transfers: int = DEFAULT_MAX_TRANSFERS,
+        idle_s: float = DEFAULT_IDLE_S,
     ) -> None:
+        self.idle_s = idle_s
         self.max_transfer_bytes = (
             min(DEFAULT_MAX_TRANSFER_BYTES, _physical_memory())
             if max_transfer_bytes is None
@@ -236,6 +252,27 @@ class Reassembler:
     def pending(self) -> int:
         """Number of transfers started and not yet complete."""
         return len(self._active)
+
+    def next_expiry(self) -> float | None:
+        """``time.monotonic()`` when the stalest incomplete transfer expires, or None."""
+        if not self._active:
+            return None
+        return min(t.last_at for t in self._active.values()) + self.idle_s
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Drop the transfers idle for ``idle_s``: a chunk was lost. Says which, and how far."""
+        now = time.monotonic() if now is None else now
+        gone = []
+        for stream, t in list(self._active.items()):
+            if now - t.last_at >= self.idle_s:
+                del self._active[stream]
+                self._dead.append((stream, t.seq))
+                gone.append(
+                    f"transfer {stream}#{t.seq} dropped: no chunk for {self.idle_s:g} s after "
+                    f"chunk {t.next_index} of {t.count} ({t.offset} of {t.total} bytes); "
+                    f"a chunk was lost on the way"
+                )
+        return gone
 
     def add(self, array: Any, meta: Mapping[str, Any]) -> tuple[pa.Array, dict[str, Any]] | None:
         """Take one chunk; return ``(payload array, metadata of the value)`` when complete.
@@ -310,6 +347,7 @@ class Reassembler:
             )
         current.buffer[current.offset : end] = data
         current.offset, current.next_index = end, index + 1
+        current.last_at = time.monotonic()
         if stale is not None:
             raise IncompleteTransferError(stale)
         if current.next_index < current.count:
@@ -345,7 +383,9 @@ class Reassembler:
                 f"transfer {old_stream}#{old.seq} dropped after chunk {old.next_index} of "
                 f"{old.count}: more than {self.max_transfers} transfers in flight"
             )
-        transfer = _Transfer(seq, count, total, self._buffer(stream, total))
+        transfer = _Transfer(
+            seq, count, total, self._buffer(stream, total), last_at=time.monotonic()
+        )
         self._active[stream] = transfer
         return transfer, "; ".join(evicted) or None
 

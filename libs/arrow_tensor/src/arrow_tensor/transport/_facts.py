@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,17 @@ log = logging.getLogger("arrow_tensor")
 
 DORA_MESSAGE_CAP = 256 << 20
 """dora 1.1 refuses a message whose Arrow IPC stream exceeds this many bytes."""
+REMOTE_MESSAGE_CAP = 32 << 20
+"""Largest message sent to a receiver on another machine (``ARROW_TENSOR_REMOTE_MESSAGE_BYTES``).
+
+dora refuses more than 64 MiB of IPC-encoded bytes on its daemon path, and silently lost 48
+and 56 MiB messages well under that (benchmarks/README.md, "Across machines"); 32 MiB
+messages arrived when paced (``REMOTE_RATE``)."""
+REMOTE_RATE = 256 << 20
+"""Bytes per second an output sends to receivers on other machines (``ARROW_TENSOR_REMOTE_RATE``).
+
+Sent faster, dora's cross-machine path dropped messages without a word (3 of 20 32 MiB
+messages back to back); paced at this rate, none."""
 DORA_DEFAULT_POOL_BYTES = 8 << 20
 """A node's shared-memory pool when neither the YAML nor ``DORA_NODE_SHM_POOL_SIZE`` sets it."""
 SHM_MIN_BYTES = 256 << 20
@@ -99,11 +111,18 @@ class OutputFacts:
     trust_descriptor: bool = False
     """Send shared-memory handles before the receivers have shown they can open the pool
     (``ARROW_TENSOR_SHM_TRUST=descriptor``; Note [Relay-safe handles] in memory._host_pool)."""
+    remote_rate: float | None = None
+    """Bytes per second when a receiver is on another machine (None: not paced)."""
 
     @property
     def receiver_ids(self) -> tuple[str, ...]:
         """The receivers' node ids."""
         return tuple(p.node_id for p in self.receivers)
+
+    @property
+    def remote(self) -> tuple[Peer, ...]:
+        """The receivers deployed on another machine than this node."""
+        return tuple(p for p in self.receivers if p.machine != self.machine)
 
 
 # Reading the dataflow descriptor (pure functions) -----------------------------------------
@@ -259,6 +278,18 @@ def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None
     trust = config.setting(
         "ARROW_TENSOR_SHM_TRUST", config.choice("proven", "descriptor"), "proven", environ=env
     )
+    remote = any(p.machine != machine for p in receivers)
+    cap = DORA_MESSAGE_CAP
+    if remote:
+        cap = config.setting(
+            "ARROW_TENSOR_REMOTE_MESSAGE_BYTES", config.size, REMOTE_MESSAGE_CAP, environ=env
+        )
+        cap = max(1 << 20, min(cap, DORA_MESSAGE_CAP))
+    rate = (
+        config.setting("ARROW_TENSOR_REMOTE_RATE", config.size, REMOTE_RATE, environ=env)
+        if remote
+        else None
+    )
     no_dora = "this process is not a dora node (DORA_NODE_CONFIG names no node)"
     return OutputFacts(
         output_id=output_id,
@@ -271,10 +302,11 @@ def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None
         cuda_reason=cuda_reason(descriptor, receivers, machine, env),
         pool_bytes=pool_bytes(_call(node, "node_config"), env),
         raw=callable(getattr(node, "send_output_raw", None)),
-        message_cap=DORA_MESSAGE_CAP,
+        message_cap=cap,
         shm_min_bytes=shm_min,
         plain=is_plain(output_id, plain_outputs(env)),
         trust_descriptor=trust == "descriptor",
+        remote_rate=float(rate) if rate else None,
     )
 
 
@@ -292,6 +324,19 @@ class OutputState:
     """Topics already told to the user (each warning is given once per output)."""
     pool_checked: int = 0
     """The largest in-flight byte count found to fit dora's pool (no warning needed)."""
+    next_send_at: float = 0.0
+    """When the pacing toward other machines lets the next message go (``pace``)."""
+
+    def pace(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more may go toward other machines (``facts.remote_rate``)."""
+        rate = self.facts.remote_rate
+        if not rate:
+            return
+        now = time.monotonic()
+        if self.next_send_at > now:
+            time.sleep(self.next_send_at - now)
+            now = self.next_send_at
+        self.next_send_at = now + nbytes / rate
 
     def no_raw_samples(self) -> None:
         """Learned: this node refuses raw samples (see Note [Output facts])."""
@@ -360,7 +405,24 @@ def state_of(node: Any, output_id: str) -> OutputState:
             _forget_dead_nodes()
         attach(node)
         state = _STATES[(id(node), output_id)] = OutputState(node, facts_of(node, output_id))
+        if state.facts.remote:
+            say_remote(state)
     return state
+
+
+def say_remote(state: OutputState) -> None:
+    """Say once, as a warning, that this output reaches other machines, and what follows."""
+    facts = state.facts
+    where = ", ".join(f"{p.node_id!r} on {p.machine!r}" for p in facts.remote)
+    state.warn_once(
+        "remote",
+        f"arrow_tensor: output {facts.output_id!r} of node {facts.node_id!r} (machine "
+        f"{facts.machine!r}) reaches receivers on other machines ({where}): its values go as "
+        f"ordinary dora messages of at most {facts.message_cap >> 20} MiB "
+        f"(ARROW_TENSOR_REMOTE_MESSAGE_BYTES), larger ones in chunks, paced at "
+        f"{int(facts.remote_rate or 0) >> 20} MiB/s (ARROW_TENSOR_REMOTE_RATE); no shared "
+        f"memory or CUDA handles",
+    )
 
 
 def _forget_dead_nodes() -> None:

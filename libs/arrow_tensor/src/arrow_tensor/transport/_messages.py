@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .. import config
 from .._errors import MetadataError, NotATensorMessageError
 from ..codec import _nodehub, _plain, _schema, _tensor, _tree
 from ..memory._host_mapped import decode_shm, probe_pool
@@ -233,12 +234,24 @@ class Receiver:
         self.foreign = foreign
         self.fallbacks: Counter[str] = Counter()
         self._on_fallback = on_fallback
-        self._chunks = _chunks.Reassembler(max_transfer_bytes, max_transfers)
+        idle_s = config.setting(
+            "ARROW_TENSOR_CHUNK_TIMEOUT", config.duration, _chunks.DEFAULT_IDLE_S
+        )
+        self._chunks = _chunks.Reassembler(max_transfer_bytes, max_transfers, idle_s)
 
     @property
     def pending(self) -> int:
         """Chunked values started and not yet complete."""
         return self._chunks.pending
+
+    def next_expiry(self) -> float | None:
+        """``time.monotonic()`` when an incomplete chunked value times out, or None."""
+        return self._chunks.next_expiry()
+
+    def expired(self) -> list[str]:
+        """Drop chunked values that got no chunk for ``ARROW_TENSOR_CHUNK_TIMEOUT`` (10 s):
+        one was lost. Returns what was dropped, one sentence each (nothing is raised)."""
+        return self._chunks.expired()
 
     def receive(self, array: Any, metadata: Mapping[str, Any]) -> Any | None:
         """Decode one message, or take one chunk; ``None`` until a chunked value is complete.

@@ -312,6 +312,7 @@ def _send_raw(state: OutputState, out: Outgoing) -> str | None:
     check_pool(state, message_bytes(p.nbytes, 1))
     meta = p.header.to_metadata()
     meta.update(out.extra)
+    state.pace(p.nbytes)
     try:
         with state.node.send_output_raw(state.facts.output_id, p.nbytes, meta) as sample:
             p.write_into(sample)
@@ -327,6 +328,7 @@ def _send_inline(state: OutputState, out: Outgoing) -> str | None:
         meta = {**meta, **out.extra}
         if out.payload.nbytes >= RAW_MIN_BYTES:
             check_pool(state, message_bytes(out.payload.nbytes))
+        state.pace(out.payload.nbytes)
         state.node.send_output(state.facts.output_id, array, meta)
         return INLINE
     if out.tree is None:
@@ -343,6 +345,7 @@ def _send_inline(state: OutputState, out: Outgoing) -> str | None:
         nbytes, width = out.tree.nbytes, 8
     if nbytes >= RAW_MIN_BYTES:  # smaller messages live on dora's heap, not in its pool
         check_pool(state, message_bytes(nbytes, width))
+    state.pace(nbytes)
     state.node.send_output(state.facts.output_id, array, meta)
     return INLINE
 
@@ -368,11 +371,15 @@ def _send_chunked(state: OutputState, out: Outgoing) -> str | None:
     node, output_id = state.node, state.facts.output_id
     if state.facts.raw:
         try:
-            _chunks.send_chunks(node, output_id, pieces, total, header_meta, out.extra, raw=True)
+            _chunks.send_chunks(
+                node, output_id, pieces, total, header_meta, out.extra, raw=True, pace=state.pace
+            )
             return CHUNKED
         except NotImplementedError:  # MockNode: raised by the first chunk, before it left
             state.no_raw_samples()
-    _chunks.send_chunks(node, output_id, pieces, total, header_meta, out.extra, raw=False)
+    _chunks.send_chunks(
+        node, output_id, pieces, total, header_meta, out.extra, raw=False, pace=state.pace
+    )
     return CHUNKED
 
 
@@ -498,8 +505,8 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
     or negative bits, whose resolved copy has a layout of its own) teaches nothing; complex
     torch tensors, whose conjugate bit would need a check per message, keep the full path.
     """
-    if state.pool is not None or state.facts.plain:  # loans, plain outputs: the full path
-        return FAST_SENDS.remember(key, None)
+    if state.pool is not None or state.facts.plain or state.facts.remote_rate:
+        return FAST_SENDS.remember(key, None)  # loans, plain outputs, paced: the full path
     if type(value) is not np.ndarray and (
         not value.is_cpu or value.is_neg() or value.is_conj() or value._is_zerotensor()
     ):
