@@ -143,7 +143,7 @@ class Node:
         self._foreign = _foreign_modes(foreign)
         self._verify = checked_verify(verify)
         if isinstance(plain_outputs, str):
-            plain_outputs = [p.strip() for p in plain_outputs.split(",") if p.strip()]
+            plain_outputs = _facts.output_names(plain_outputs)
         self._plain = None if plain_outputs is None else frozenset(plain_outputs)
         if node is None:
             from dora import Node as DoraNode
@@ -155,6 +155,8 @@ class Node:
         self.fallbacks: Counter[tuple[str, str]] = Counter()
         self.received: Counter[str] = Counter()
         self._skips: Counter[tuple[str, str]] = Counter()
+        self._chunking: set[str] = set()
+        """Inputs with a chunked value in progress (their receivers may time it out)."""
         self.closed: set[str] = set()
         self.finished = False
         self._writable = writable
@@ -231,14 +233,25 @@ class Node:
             )
         return None
 
+    def _track_chunks(self, input_id: str, receiver: Receiver) -> None:
+        """Keep ``_chunking`` to the inputs with a chunked value in progress."""
+        if receiver.pending:
+            self._chunking.add(input_id)
+        else:
+            self._chunking.discard(input_id)
+
     def _chunk_expiry(self) -> float | None:
-        times = [t for r in self._receivers.values() if (t := r.next_expiry()) is not None]
-        return min(times) if times else None
+        if not self._chunking:  # the common case: nothing half-received, nothing to look at
+            return None
+        times = [self._receivers[i].next_expiry() for i in self._chunking]
+        return min((t for t in times if t is not None), default=None)
 
     def _expire_chunks(self) -> None:
-        for input_id, receiver in self._receivers.items():
+        for input_id in list(self._chunking):
+            receiver = self._receivers[input_id]
             for text in receiver.expired():
                 self._report(input_id, IncompleteTransferError(text))
+            self._track_chunks(input_id, receiver)
 
     def _finish(self) -> None:
         self.finished = True
@@ -296,8 +309,10 @@ class Node:
             value = receiver.receive(event.get("value"), raw_meta)
         except ArrowTensorError as exc:
             self._report(input_id, exc)
-            return None
-        if value is None:  # one part of a multi-message value; the rest is still coming
+            value = None
+        if value is None or input_id in self._chunking:  # a chunked value started or ended
+            self._track_chunks(input_id, receiver)
+        if value is None:  # one part of a multi-message value (or a skipped message)
             return None
         self.received[input_id] += 1
         return Input(input_id, value, metadata, stamp)

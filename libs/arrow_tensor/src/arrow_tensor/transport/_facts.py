@@ -31,7 +31,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,7 +122,7 @@ class OutputFacts:
     @property
     def remote(self) -> tuple[Peer, ...]:
         """The receivers deployed on another machine than this node."""
-        return tuple(p for p in self.receivers if p.machine != self.machine)
+        return remote_peers(self.receivers, self.machine)
 
 
 # Reading the dataflow descriptor (pure functions) -----------------------------------------
@@ -145,6 +145,11 @@ def _deploy_machine(entry: Mapping[str, Any], default: str | None) -> str | None
 def _nodes(descriptor: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     nodes = descriptor.get("nodes") or []
     return [n for n in nodes if isinstance(n, Mapping)] if isinstance(nodes, list) else []
+
+
+def remote_peers(receivers: Sequence[Peer], machine: str | None) -> tuple[Peer, ...]:
+    """The receivers deployed on another machine than ``machine`` (this node's)."""
+    return tuple(p for p in receivers if p.machine != machine)
 
 
 def receivers_of(descriptor: Mapping[str, Any], node_id: str, output_id: str) -> list[Peer]:
@@ -188,7 +193,7 @@ def shm_reason(
         return f"{_blocks.SHM_DIR} is not available on this system"
     if not receivers:
         return f"output {output_id!r} has no receivers in the dataflow descriptor"
-    remote = [p.node_id for p in receivers if p.machine != machine]
+    remote = [p.node_id for p in remote_peers(receivers, machine)]
     if remote:
         return f"receivers {remote} run on another machine than {machine!r}"
     return None
@@ -209,7 +214,7 @@ def cuda_reason(
     forced = environ.get("ARROW_TENSOR_TRANSPORT", "auto").strip().lower()
     if forced == "host":
         return "ARROW_TENSOR_TRANSPORT=host"
-    remote = [p.node_id for p in receivers if p.machine != machine]
+    remote = [p.node_id for p in remote_peers(receivers, machine)]
     if remote:
         return f"receivers {remote} run on another machine than {machine!r} (deploy.machine)"
     nodes = {str(n.get("id")): n for n in _nodes(descriptor)}
@@ -227,10 +232,14 @@ def cuda_reason(
     return None
 
 
+def output_names(raw: str) -> frozenset[str]:
+    """Output ids from a comma-separated list (``*``: every output)."""
+    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+
+
 def plain_outputs(environ: Mapping[str, str]) -> frozenset[str]:
     """The outputs ``ARROW_TENSOR_PLAIN_OUTPUTS`` names (comma separated; ``*``: every one)."""
-    raw = environ.get("ARROW_TENSOR_PLAIN_OUTPUTS", "")
-    return frozenset(item.strip() for item in raw.split(",") if item.strip())
+    return output_names(environ.get("ARROW_TENSOR_PLAIN_OUTPUTS", ""))
 
 
 def is_plain(output_id: str, names: frozenset[str] | set[str]) -> bool:
@@ -278,7 +287,7 @@ def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None
     trust = config.setting(
         "ARROW_TENSOR_SHM_TRUST", config.choice("proven", "descriptor"), "proven", environ=env
     )
-    remote = any(p.machine != machine for p in receivers)
+    remote = bool(remote_peers(receivers, machine))
     cap = DORA_MESSAGE_CAP
     if remote:
         cap = config.setting(

@@ -279,14 +279,15 @@ def _send_shm(state: OutputState, out: Outgoing) -> str | None:
         # Note [Relay-safe handles]: this value goes in its message, which asks every
         # receiver to open the pool; handles follow once all of them have.
         out.extra[_schema.KEY_SHM_PROBE] = pool.probe_name(out.payload.nbytes)
-        waiting = pool.unproven_receivers()
-        state.warn_once(
-            "unproven",
-            f"output {state.facts.output_id!r}: receivers {waiting} have not opened its "
-            f"shared-memory pool yet (a relay, a recorder, a node without arrow_tensor?): "
-            f"values travel in the messages themselves until each of them has "
-            f"(ARROW_TENSOR_SHM_TRUST=descriptor sends handles from the first message)",
-        )
+        if "unproven" not in state.said:
+            state.warn_once(
+                "unproven",
+                f"output {state.facts.output_id!r}: receivers {pool.unproven_receivers()} "
+                f"have not opened its shared-memory pool yet (a relay, a recorder, a node "
+                f"without arrow_tensor?): values travel in the messages themselves until "
+                f"each of them has (ARROW_TENSOR_SHM_TRUST=descriptor sends handles from the "
+                f"first message)",
+            )
         return None
     handle = pool.place_loan(out.value) if out.payload.loaned else None
     if handle is None:
@@ -324,14 +325,9 @@ def _send_raw(state: OutputState, out: Outgoing) -> str | None:
 
 def _send_inline(state: OutputState, out: Outgoing) -> str | None:
     if out.encoded is not None:  # a plain value: the one array it is
-        array, meta = out.encoded
-        meta = {**meta, **out.extra}
-        if out.payload.nbytes >= RAW_MIN_BYTES:
-            check_pool(state, message_bytes(out.payload.nbytes))
-        state.pace(out.payload.nbytes)
-        state.node.send_output(state.facts.output_id, array, meta)
-        return INLINE
-    if out.tree is None:
+        array, meta = out.encoded[0], {**out.encoded[1], **out.extra}
+        nbytes, width = out.payload.nbytes, 1
+    elif out.tree is None:
         p = out.tensor_plan()
         array, meta = _tensor.encode_plan(p, checksum=out.checksum, arrow_bool=out.payload.plain)
         meta.update(out.extra)
