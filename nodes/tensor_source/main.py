@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from arrow_tensor import ConfigError, testing
+from arrow_tensor.node import dora_node
 
 
 def main(node: Any = None) -> dict[str, Any]:
@@ -19,10 +20,8 @@ def main(node: Any = None) -> dict[str, Any]:
     try:  # bad settings (also CASES matching nothing, DEVICE=cuda without GPU): one clear line
         config = testing.SourceConfig.from_env()
         if node is None:
-            from dora import Node
-
             testing.import_frameworks()  # seconds of torch import, before dora starts the clock
-            node = Node()
+            node = dora_node()
         return testing.run_source(node, config)
     except ConfigError as exc:
         sys.exit(f"tensor_source: {exc}")

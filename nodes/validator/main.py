@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from arrow_tensor import ConfigError, testing
+from arrow_tensor.node import dora_node
 
 
 def main(node: Any = None) -> int:
@@ -21,10 +22,8 @@ def main(node: Any = None) -> int:
     except ConfigError as exc:
         sys.exit(f"validator: {exc}")
     if node is None:
-        from dora import Node
-
         testing.import_frameworks()  # seconds of torch import, before dora starts the clock
-        node = Node()
+        node = dora_node()
     report = testing.run_validator(node, config)
     return 0 if report["passed"] else 1
 

@@ -245,3 +245,49 @@ def test_multi_message_values_are_reassembled_and_incomplete_ones_reported(
     assert items[0].metadata == {"frame_id": 1}
     assert node.errors["x"] == 1
     assert "IncompleteTransferError" in capsys.readouterr().err
+
+
+class WarningMock(dora_testing.MockNode):
+    """MockNode that keeps dora's log warnings."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.warnings: list[str] = []
+
+    def log_warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def test_sequence_gaps_and_late_messages_are_warned_once_and_counted() -> None:
+    seqs = [0, 1, 4, 5, 3, 8, 8]
+    events = [tensor_event("x", np.full(2, s), **{"at.seq": s, "s": s}) for s in seqs]
+    config = {"inputs": {"x": {"source": "cam/frame", "queue_size": 5}}}
+    mock = WarningMock(events, node_config=config)
+    node = Node(mock)
+    got = [m["s"] for _, _, m in node]
+    assert got == seqs  # nothing is held back or reordered by the Node
+    assert node.lost == {"x": 3}  # 2 (then 3 arrived late), 6, 7
+    assert node.reordered == {"x": 1}
+    assert node.duplicates == {"x": 1}
+    gaps = [w for w in mock.warnings if "never arrived" in w]
+    assert len(gaps) == 1
+    assert "input 'x' (from cam/frame): messages 2-3 never arrived" in gaps[0]
+    assert "queue_size 5" in gaps[0]
+    assert "queue_size: 100}" in gaps[0]
+    late = [w for w in mock.warnings if "arrived after later ones" in w]
+    assert len(late) == 1
+    assert "shared_memory_pool_size of node cam" in late[0]
+    assert mock.warnings[-1].endswith(
+        "input 'x' (from cam/frame): 7 messages received, 3 lost (2, 6-7), 1 out of order, "
+        "1 duplicated"
+    )
+
+
+def test_metadata_seq_is_not_handed_to_the_user_and_sends_are_numbered() -> None:
+    mock = RecordingMock([tensor_event("x", np.zeros(2), **{"at.seq": 0})])
+    node = Node(mock)
+    (item,) = list(node)
+    assert "at.seq" not in item.metadata
+    for _ in range(3):
+        node.send("out", np.zeros(3))
+    assert [m["at.seq"] for _, _, m in mock.sent] == [0, 1, 2]

@@ -2,17 +2,15 @@
 
 Env: FRAMES (default 100), FPS (default 15), WIDTH (default 320), HEIGHT (default 240).
 
-Before the first frame the camera sends blank warm-up frames (``warmup=True``) until the sink
-answers on ``ready``: dora sets up each hop's route when its first message passes, and a
-message sent meanwhile can be lost without a word (fresh-clone CI runs lost frame 3 or 5 that
-way, on the unbatcher -> sink hop). Once a warm-up frame has crossed every hop, none is.
+No warm-up or handshake is needed: arrow_tensor holds the first frames while a receiver
+starts (ARCHITECTURE.md, "Start-up and loss"), and each frame's ``at.seq`` lets receivers
+report a frame dora dropped.
 Each frame carries ``frame_id``, ``tag`` (``"frame-00012"``), ``t_ns`` (CLOCK_MONOTONIC
 at capture, shared by the processes of one machine), ``width`` and ``height``.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -40,22 +38,6 @@ def render(i: int, height: int, width: int) -> np.ndarray:
     return frame
 
 
-def wait_for_pipeline(node: Node, height: int, width: int, timeout: float = 30.0) -> bool:
-    """Send warm-up frames until the sink says one crossed the whole pipeline (see above)."""
-    blank = torch.zeros((height, width, 3), dtype=torch.uint8)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        node.send(
-            "frame", blank, frame_id=-1, warmup=True, tag="warmup",
-            t_ns=time.monotonic_ns(), width=width, height=height,
-        )  # fmt: skip
-        item = node.recv(timeout=0.3)
-        if item is not None and item.id == "ready":
-            return True
-    print(f"camera: no warm-up frame came back in {timeout:.0f} s; sending anyway", file=sys.stderr)
-    return False
-
-
 def main() -> None:
     """Send FRAMES frames at FPS, then return (downstream inputs close, the dataflow ends)."""
     frames = setting("FRAMES", integer(minimum=1), 100)
@@ -63,7 +45,6 @@ def main() -> None:
     width = setting("WIDTH", integer(minimum=16, maximum=8192), 320)
     height = setting("HEIGHT", integer(minimum=16, maximum=8192), 240)
     node = Node()
-    wait_for_pipeline(node, height, width)
     start = time.monotonic()
     for i in range(frames):
         frame = torch.from_numpy(render(i, height, width))

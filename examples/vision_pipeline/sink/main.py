@@ -66,14 +66,8 @@ def main() -> None:
     received: list[dict] = []
     latencies: list[float] = []
     latest = None
-    ready_sent = False
     missing: list[int] = []
     for input_id, value, metadata in node:
-        if metadata.get("warmup"):  # the camera's warm-up frames: the pipeline is up
-            if input_id == "detections" and not ready_sent:
-                node.send("ready", np.ones(1, dtype=np.uint8))
-                ready_sent = True
-            continue
         if input_id == "frame":
             # A copy: holding the received view would pin the camera's shared-memory sample.
             frames[metadata["frame_id"]] = value.numpy().copy()

@@ -450,7 +450,7 @@ def test_send_fast_path_sends_what_the_full_path_sends(
     full_array, full_meta = at.encode(x)
     dense = not _codec.plan(x).needs_copy
     for i, (_, array, meta) in enumerate(node.sent):
-        assert meta == {**full_meta, "i": i}
+        assert meta == {**full_meta, "i": i, _schema.KEY_SEQ: i}  # numbered per output
         assert array.equals(full_array)
         if dense:  # the tensor's own memory, no copy
             assert array.buffers()[1].address == full_array.buffers()[1].address
@@ -461,17 +461,19 @@ def test_send_fast_path_sends_what_the_full_path_sends(
         meta[_schema.KEY_VERSION] = 1
         del meta[_schema.KEY_KIND]
     assert send(node, "out", x, {"i": 3}) == "inline"
-    assert node.sent[-1][2] == {**full_meta, "i": 3}
+    assert node.sent[-1][2] == {**full_meta, "i": 3, _schema.KEY_SEQ: 3}
     # The same without user metadata (the cached header's metadata, copied).
     for _ in range(3):
         assert send(node, "out", x) == "inline"
     plain = node.sent[-3:]
-    assert [meta for _, _, meta in plain] == [full_meta] * 3
+    assert [meta for _, _, meta in plain] == [
+        {**full_meta, _schema.KEY_SEQ: i} for i in range(4, 7)
+    ]
     assert len({id(meta) for _, _, meta in plain}) == 3
     plain[0][2].clear()
     plain[1][2][_schema.KEY_TENSOR] = "numpy;uint8;1;0"
     assert send(node, "out", x) == "inline"
-    assert node.sent[-1][2] == full_meta
+    assert node.sent[-1][2] == {**full_meta, _schema.KEY_SEQ: 7}
     assert full_meta == at.encode(x)[1]
 
 
@@ -512,7 +514,7 @@ def test_send_fast_path_compacts_into_raw_samples(framework: str, big: bool, ten
         assert send(node, "out", x, {"i": i}) == "raw"
     full_array, full_meta = at.encode(x)
     for i, (_, array, meta) in enumerate(node.sent):
-        assert meta == {**full_meta, "i": i}
+        assert meta == {**full_meta, "i": i, _schema.KEY_SEQ: i}  # numbered per output
         assert array.buffers()[1].to_pybytes() == full_array.buffers()[1].to_pybytes()
         y = Receiver().receive(array, dict(meta))
         assert type(y) is type(x)
@@ -597,8 +599,10 @@ def test_torch_send_fast_path_sends_the_tensors_own_bytes(
         x = _TORCH_SEND_LAYOUTS[layout](tensors.random_torch((3, 4, 5, 6), dtype, i))
         assert send(node, "out", x) == "inline"
         sent.append((x, at.encode(x)))
-    for (x, (full_array, full_meta)), (_, array, meta) in zip(sent, node.sent, strict=True):
-        assert meta == full_meta
+    for i, ((x, (full_array, full_meta)), (_, array, meta)) in enumerate(
+        zip(sent, node.sent, strict=True)
+    ):
+        assert meta == {**full_meta, _schema.KEY_SEQ: i}
         assert array.type == full_array.type
         assert array.buffers()[1].to_pybytes() == full_array.buffers()[1].to_pybytes()
         assert array.buffers()[1].address == x.data_ptr()  # no copy

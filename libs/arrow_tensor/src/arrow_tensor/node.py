@@ -40,20 +40,23 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import ArrowTensorError, IncompleteTransferError
 from .codec import _schema
-from .transport import _facts
+from .transport import _facts, _sequence
 from .transport._messages import FOREIGN_MODES, Receiver, checked_verify
 from .transport._send import loan, send
+from .transport._startup import Acks, hold_seconds, zenoh_overlay
 
-__all__ = ["Input", "Node", "run"]
+__all__ = ["Input", "Node", "dora_node", "run"]
 
 _TIMER_PREFIX = "dora/timer/"
+_PENDING_MAX = 100_000
+"""Events taken off dora's queue while a send waits (Note [Start-up hold]), at most."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,21 @@ class Input:
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.id, self.value, self.metadata))
+
+
+def dora_node() -> Any:
+    """A new ``dora.Node()``, its zenoh session told to wait rather than drop a message.
+
+    dora's data plane drops a message whose sending queue stays busy for over a millisecond
+    (a node short of CPU at start-up); this node waits up to ``ARROW_TENSOR_ZENOH_DROP_WAIT``
+    (Note [Start-up hold] in ``transport._startup``). ``Node()`` makes its node this way;
+    call it where you drive a ``dora.Node`` yourself. A deployment that configures zenoh
+    itself (``DORA_ZENOH_CONFIG_OVERLAY``, ``ZENOH_CONFIG``) is left as it is.
+    """
+    from dora import Node as DoraNode
+
+    zenoh_overlay()
+    return DoraNode()
 
 
 def _source_of(spec: Any) -> str:
@@ -126,6 +144,11 @@ class Node:
         without OpenCV), by ``(input id, reason)``.
     received:
         Values delivered, by input id.
+    lost, reordered, duplicates:
+        Messages that never arrived, arrived out of order, or arrived twice, by input id,
+        from the senders' sequence numbers (Note [Sequence numbers] in
+        ``transport._sequence``). The first of each on an input is logged as a warning
+        with its likely cause; the end of the stream prints a summary.
     """
 
     def __init__(
@@ -146,9 +169,7 @@ class Node:
             plain_outputs = _facts.output_names(plain_outputs)
         self._plain = None if plain_outputs is None else frozenset(plain_outputs)
         if node is None:
-            from dora import Node as DoraNode
-
-            node = DoraNode()
+            node = dora_node()
         self.dora = node
         self.checksum = checksum
         self.errors: Counter[str] = Counter()
@@ -165,16 +186,41 @@ class Node:
         self._drain_timeout = drain_timeout
         self._draining = False
         self._drain_deadline = 0.0
-        self._timers, self._data_inputs = self._classify_inputs()
+        self._specs = self._input_specs()
+        self._timers = {
+            k for k, v in self._specs.items() if _source_of(v).startswith(_TIMER_PREFIX)
+        }
+        self._data_inputs = set(self._specs) - self._timers
+        self._sequences: dict[str, _sequence.Sequence] = {}
+        self._said: set[tuple[str, str]] = set()
+        self._pending: deque[Mapping[str, Any]] = deque()
         _facts.attach(node)  # learn of crashed producers, so their shared memory is unlinked
+        node_id = _facts.own_node_id()
+        queues = {i: _facts.queue_size(self._specs[i]) for i in sorted(self._data_inputs)}
+        self._acks = Acks(node, node_id or "", queues if node_id else {}, hold_seconds())
+        _facts.set_waiting(node, self._take_waiting)  # Note [Start-up hold]
 
-    def _classify_inputs(self) -> tuple[set[str], set[str]]:
+    def _input_specs(self) -> dict[str, Any]:
+        """The inputs as dora's node config gives them (id -> source or its mapping)."""
         try:
-            inputs = dict(self.dora.node_config().get("inputs") or {})
+            return dict(self.dora.node_config().get("inputs") or {})
         except Exception:  # a stand-in without node_config: learn nothing, end on STOP only
-            inputs = {}
-        timers = {k for k, v in inputs.items() if _source_of(v).startswith(_TIMER_PREFIX)}
-        return timers, set(inputs) - timers
+            return {}
+
+    @property
+    def lost(self) -> Counter[str]:
+        """Messages that never arrived (so far), by input id."""
+        return Counter({i: s.lost for i, s in self._sequences.items() if s.lost})
+
+    @property
+    def reordered(self) -> Counter[str]:
+        """Messages that arrived after a later one, by input id."""
+        return Counter({i: s.reordered for i, s in self._sequences.items() if s.reordered})
+
+    @property
+    def duplicates(self) -> Counter[str]:
+        """Messages that arrived twice, by input id."""
+        return Counter({i: s.duplicates for i, s in self._sequences.items() if s.duplicates})
 
     def __iter__(self) -> Iterator[Input]:
         while (item := self.recv()) is not None:
@@ -201,7 +247,7 @@ class Node:
             if expiry is not None:
                 until = max(expiry - time.monotonic(), 0.001)
                 wait = until if wait is None else min(wait, until)
-            event = self.dora.next(timeout=wait) if wait is not None else self.dora.next()
+            event = self._next_event(wait)
             if expiry is not None:
                 self._expire_chunks()
             if event is None:
@@ -211,6 +257,34 @@ class Node:
             if item is not None:
                 return item
         return None
+
+    def _next_event(self, wait: float | None) -> Mapping[str, Any] | None:
+        """The next event: one taken off dora's queue while a send waited, else dora's."""
+        if self._pending:
+            return self._pending.popleft()
+        event = self.dora.next(timeout=wait) if wait is not None else self.dora.next()
+        if event is not None and self._acks.active:
+            self._took(event)
+        return event
+
+    def _took(self, event: Mapping[str, Any]) -> None:
+        if event.get("type") == "INPUT":
+            self._acks.took(event.get("id", ""))
+
+    def _take_waiting(self) -> None:
+        """While a send waits for a receiver to start (Note [Start-up hold]), take this
+        node's own events off dora's queue, so that two nodes feeding each other never wait
+        on each other; ``recv`` delivers them in order."""
+        while len(self._pending) < _PENDING_MAX:
+            try:
+                event = self.dora.try_recv()
+            except Exception:  # the stream ended, or a stand-in without try_recv
+                return
+            if event is None:
+                return
+            if self._acks.active:
+                self._took(event)
+            self._pending.append(event)
 
     def _handle(self, event: Mapping[str, Any]) -> Input | None:
         kind = event.get("type")
@@ -255,6 +329,11 @@ class Node:
 
     def _finish(self) -> None:
         self.finished = True
+        self._acks.close()
+        for input_id, seqs in sorted(self._sequences.items()):
+            line = seqs.summary()
+            if line is not None:
+                self._warn(f"input {input_id!r} ({self._from(input_id)}): {line}")
         for input_id, receiver in self._receivers.items():
             try:  # a value still incomplete at the end (a lost chunk) is reported, not hidden
                 receiver.close()
@@ -285,8 +364,66 @@ class Node:
             self._draining = True
             self._drain_deadline = time.monotonic() + self._drain_timeout
 
+    def _from(self, input_id: str) -> str:
+        source = _source_of(self._specs.get(input_id, ""))
+        return f"from {source}" if source else "source unknown"
+
+    def _warn(self, text: str, topic: tuple[str, str] | None = None) -> None:
+        """A warning through dora's log (or stderr); once per ``topic`` when one is given."""
+        if topic is not None:
+            if topic in self._said:
+                return
+            self._said.add(topic)
+        text = f"arrow_tensor.node: {text}"
+        try:
+            self.dora.log_warn(text)
+        except Exception:  # a stand-in without dora's log
+            print(text, file=sys.stderr, flush=True)
+
+    def _sequence(self, input_id: str, seq: int) -> None:
+        """Account for message ``seq`` of ``input_id``; say the first of each kind of trouble."""
+        seqs = self._sequences.get(input_id)
+        if seqs is None:
+            seqs = self._sequences[input_id] = _sequence.Sequence()
+        started = seqs.expected is not None
+        event = seqs.see(seq)
+        if event is None:
+            return
+        where = f"input {input_id!r} ({self._from(input_id)})"
+        queue = _facts.queue_size(self._specs.get(input_id))
+        source = _source_of(self._specs.get(input_id, ""))
+        sender = source.split("/")[0] if source else "the sender"
+        counted = "further ones on this input are counted (Node.{}) and summed up at the end"
+        counted_first = "F" + counted[1:]
+        if event.kind == _sequence.GAP:
+            first = "" if started else f" (the first message this input saw was {seq})"
+            late = "" if started else "; or this node started after its sender, or restarted"
+            text = (
+                f"{where}: messages {event.span} never arrived{first}. Likely cause: this node "
+                f"fell behind and dora dropped the oldest messages of its queue (queue_size "
+                f"{queue}): raise it in the dataflow YAML (inputs: {input_id}: {{source: "
+                f"{source or '...'}, queue_size: {max(4 * queue, 100)}}}) or make the node "
+                f"faster; a full shared-memory pool of {sender} (shared_memory_pool_size) loses "
+                f"messages too{late}. {counted_first.format('lost')}"
+            )
+        elif event.kind == _sequence.LATE:
+            text = (
+                f"{where}: message {seq} arrived after later ones (out of order). Likely cause: "
+                f"{sender}'s dora shared-memory pool was full, so dora sent some messages by "
+                f"its slower daemon path: raise shared_memory_pool_size of node {sender} in the "
+                f"dataflow YAML; {counted.format('reordered')}"
+            )
+        elif event.kind == _sequence.DUPLICATE:
+            text = f"{where}: message {seq} arrived twice; {counted.format('duplicates')}"
+        else:
+            text = f"{where}: {sender} started its numbering over (the node restarted)"
+        self._warn(text, (input_id, event.kind))
+
     def _decode(self, input_id: str, event: Mapping[str, Any]) -> Input | None:
         raw_meta = event.get("metadata") or {}
+        seq = raw_meta.get(_schema.KEY_SEQ)
+        if type(seq) is int:
+            self._sequence(input_id, seq)
         metadata = {
             k: v
             for k, v in raw_meta.items()

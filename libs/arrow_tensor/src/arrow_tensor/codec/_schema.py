@@ -23,6 +23,8 @@ KEY_KIND = "at.kind"
 KEY_TENSOR = "at.tensor"
 """The tensor header, one string: ``<framework>;<dtype>;<shape>;<perm>`` (see SPEC.md)."""
 KEY_CHECKSUM = "at.checksum"
+KEY_SEQ = "at.seq"
+"""The message's number on its output: 0, 1, 2... (SPEC.md, Sequence numbers)."""
 
 # The message kinds (``at.kind``), one per way a value can travel (SPEC.md, Message kinds).
 KIND_TENSOR = "tensor"

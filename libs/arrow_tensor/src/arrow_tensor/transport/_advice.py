@@ -22,24 +22,37 @@ def pool_advice(message_bytes: int, pool_bytes: int, in_flight: int = 2) -> str 
     return f"shared_memory_pool_size: {text}"
 
 
-def check_pool(state: OutputState, message_bytes: int, in_flight: int = 2) -> None:
-    """Warn once per output when dora's pool of this node cannot hold these messages."""
+def check_pool(
+    state: OutputState, message_bytes: int, in_flight: int = 2, payload_bytes: int | None = None
+) -> None:
+    """Warn, before the message goes, when dora's pool of this node cannot hold it.
+
+    Said once per output and advised size: a larger value that needs a larger pool is said
+    again. ``payload_bytes`` is the value's own size (the message adds the header and
+    dora's framing: its validity bitmap).
+    """
     need = max(in_flight, 2) * message_bytes
-    if need <= state.pool_checked or "pool" in state.said:
-        return  # this much was found to fit before, or it was said already
+    if need <= state.pool_checked:
+        return  # this much was found to fit before
     advice = pool_advice(message_bytes, state.facts.pool_bytes, in_flight)
     if advice is None:
         state.pool_checked = need
         return
     name = state.facts.node_id or "<this node>"
     pool = state.facts.pool_bytes
+    what = f"{message_bytes / 2**20:.1f} MiB messages"
+    if payload_bytes is not None:
+        what = (
+            f"{payload_bytes / 2**20:.1f} MiB values ({what} with arrow_tensor's header and "
+            f"dora's framing)"
+        )
     state.warn_once(
-        "pool",
-        f"arrow_tensor: output {state.facts.output_id!r} sends "
-        f"{message_bytes / 2**20:.1f} MiB messages; node {name}'s dora shared-memory pool "
-        f"({pool / 2**20:.1f} MiB) cannot hold {max(in_flight, 2)} of them at once, so dora "
-        f"silently falls back to its daemon path (much slower, fails over 64 MiB). Fix: add "
-        f"`{advice}` to node {name} in the dataflow YAML. (Said once per output.)",
+        f"pool:{advice}",
+        f"arrow_tensor: output {state.facts.output_id!r} sends {what}; node {name}'s dora "
+        f"shared-memory pool ({pool / 2**20:.1f} MiB) cannot hold {max(in_flight, 2)} of them "
+        f"at once, so dora silently falls back to its daemon path (much slower, out of order, "
+        f"fails over 64 MiB). Fix: add `{advice}` to node {name} in the dataflow YAML (a node "
+        f"whose receivers keep values a while needs more). (Said once per output and size.)",
     )
 
 

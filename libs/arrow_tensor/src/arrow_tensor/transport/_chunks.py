@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -128,6 +128,13 @@ def plan_pieces(plan: TensorPlan, max_chunk: int) -> tuple[list[_Piece], np.ndar
     return byte_pieces(flat, max_chunk), flat
 
 
+class Outbound(Protocol):
+    """What ``send_chunks`` tells before each chunk (an output's ``OutputState``)."""
+
+    def before_send(self, meta: dict[str, Any], nbytes: int) -> None:
+        """Called right before a chunk message goes (it may add keys to ``meta``)."""
+
+
 def send_chunks(
     node: Any,
     output_id: str,
@@ -137,14 +144,15 @@ def send_chunks(
     user_meta: Mapping[str, Any],
     *,
     raw: bool = True,
-    pace: Callable[[int], None] | None = None,
+    state: Outbound | None = None,
 ) -> int:
     """Send ``pieces`` as chunk messages of one transfer; returns the number sent.
 
     ``header_meta`` is the codec metadata of the whole value (its checksum, if any, goes on
     the last chunk only). ``raw`` writes each piece into a ``send_output_raw`` sample (one
     copy); otherwise each piece is compacted into a private buffer and sent inline.
-    ``pace(nbytes)`` is called before each chunk (waits toward other machines).
+    ``state.before_send(meta, nbytes)`` is called before each chunk (the output's start-up
+    hold, pacing and sequence number).
     """
     if len(pieces) > MAX_CHUNKS:
         raise PayloadError(f"{total} bytes would need {len(pieces)} chunks; at most {MAX_CHUNKS}")
@@ -164,8 +172,8 @@ def send_chunks(
         meta[_schema.KEY_CHUNK_OFFSET] = piece.offset
         if index == len(pieces) - 1 and _schema.KEY_CHECKSUM in header_meta:
             meta[_schema.KEY_CHECKSUM] = header_meta[_schema.KEY_CHECKSUM]
-        if pace is not None:
-            pace(piece.nbytes)
+        if state is not None:
+            state.before_send(meta, piece.nbytes)
         if raw:
             with node.send_output_raw(output_id, piece.nbytes, meta) as sample:
                 piece.write(sample)

@@ -31,15 +31,18 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .. import config
 from .._errors import ShmHandleError
+from ..codec import _schema
 from ..codec._memo import Memo
 from ..memory import _blocks
 from ..memory._host_pool import OutputPool
+from ._startup import DEFAULT_QUEUE, Edge, Hold, hold_seconds, timeout_seconds
 
 log = logging.getLogger("arrow_tensor")
 
@@ -81,6 +84,8 @@ class Peer:
 
     node_id: str
     machine: str | None
+    inputs: tuple[tuple[str, int], ...] = ()
+    """Its inputs fed by the output, each with its dora queue size."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,17 @@ class OutputFacts:
         """The receivers deployed on another machine than this node."""
         return remote_peers(self.receivers, self.machine)
 
+    @property
+    def local_edges(self) -> tuple[Edge, ...]:
+        """The receiving inputs on this machine (the start-up hold waits for these)."""
+        remote = set(self.remote)
+        return tuple(
+            Edge(p.node_id, input_id, queue)
+            for p in self.receivers
+            if p not in remote
+            for input_id, queue in p.inputs
+        )
+
 
 # Reading the dataflow descriptor (pure functions) -----------------------------------------
 def _input_source(spec: object) -> str | None:
@@ -133,6 +149,14 @@ def _input_source(spec: object) -> str | None:
         source = spec.get("source")
         return source if isinstance(source, str) else None
     return None
+
+
+def queue_size(spec: object) -> int:
+    """The queue size of an input as the YAML (or ``node_config()``) gives it; dora's default."""
+    queue = spec.get("queue_size") if isinstance(spec, Mapping) else None
+    if isinstance(queue, int) and not isinstance(queue, bool) and queue > 0:
+        return queue
+    return DEFAULT_QUEUE
 
 
 def _deploy_machine(entry: Mapping[str, Any], default: str | None) -> str | None:
@@ -153,17 +177,24 @@ def remote_peers(receivers: Sequence[Peer], machine: str | None) -> tuple[Peer, 
 
 
 def receivers_of(descriptor: Mapping[str, Any], node_id: str, output_id: str) -> list[Peer]:
-    """Every node with an input fed by ``node_id/output_id``, by id, with its machine."""
+    """Every node with an input fed by ``node_id/output_id``, by id, with its machine and
+    those inputs (with their queue sizes)."""
     wanted = f"{node_id}/{output_id}"
     default = _deploy_machine(descriptor, None)
-    found: dict[str, str | None] = {}
+    found: dict[str, Peer] = {}
     for entry in _nodes(descriptor):
         inputs = entry.get("inputs") or {}
-        if isinstance(inputs, Mapping) and any(
-            _input_source(spec) == wanted for spec in inputs.values()
-        ):
-            found[str(entry.get("id"))] = _deploy_machine(entry, default)
-    return [Peer(rid, machine) for rid, machine in sorted(found.items())]
+        if not isinstance(inputs, Mapping):
+            continue
+        fed = tuple(
+            (str(input_id), queue_size(spec))
+            for input_id, spec in inputs.items()
+            if _input_source(spec) == wanted
+        )
+        if fed:
+            rid = str(entry.get("id"))
+            found[rid] = Peer(rid, _deploy_machine(entry, default), fed)
+    return [found[rid] for rid in sorted(found)]
 
 
 def own_machine(
@@ -273,13 +304,18 @@ def _call(node: Any, method: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def own_node_id() -> str | None:
+    """This process's dora node id (None outside a dataflow)."""
+    try:
+        return _blocks.identity().node_id
+    except ShmHandleError:
+        return None
+
+
 def facts_of(node: Any, output_id: str, environ: Mapping[str, str] | None = None) -> OutputFacts:
     """The facts of ``output_id`` on ``node``, read from the node and this environment."""
     env = os.environ if environ is None else environ
-    try:
-        node_id: str | None = _blocks.identity().node_id
-    except ShmHandleError:
-        node_id = None
+    node_id = own_node_id()
     descriptor = _call(node, "dataflow_descriptor")
     receivers = receivers_of(descriptor, node_id, output_id) if node_id else []
     machine = own_machine(descriptor, node_id or "", env)
@@ -335,6 +371,46 @@ class OutputState:
     """The largest in-flight byte count found to fit dora's pool (no warning needed)."""
     next_send_at: float = 0.0
     """When the pacing toward other machines lets the next message go (``pace``)."""
+    seq: int = 0
+    """The sequence number of this output's next message (``at.seq``, Note [Sequence numbers])."""
+    hold: Hold | None = None
+    """The start-up hold while some receiver is held for (Note [Start-up hold])."""
+    hold_made: bool = False
+
+    def before_send(self, meta: dict[str, Any], nbytes: int) -> None:
+        """Right before each dora message of this output: wait while a receiver starts up,
+        pace toward other machines, and number the message (``at.seq``)."""
+        if not self.hold_made:
+            self._make_hold()
+        if self.hold is not None:
+            self.hold.admit()
+            if self.hold.finished:
+                self.hold = None
+        if self.facts.remote_rate:
+            self.pace(nbytes)
+        meta[_schema.KEY_SEQ] = self.seq
+        self.seq += 1
+
+    def unsent(self) -> None:
+        """The last numbered message was refused by dora (it is sent again otherwise)."""
+        self.seq -= 1
+        if self.hold is not None:
+            self.hold.sent -= 1
+
+    def _make_hold(self) -> None:
+        self.hold_made = True
+        edges = self.facts.local_edges
+        table = callable(getattr(self.node, "extension_load", None))
+        if not edges or self.facts.plain or not table or hold_seconds() <= 0:
+            return  # no receiver to wait for, node-hub consumers (plain), no dora, or off
+        self.hold = Hold(
+            self.node,
+            self.facts.output_id,
+            edges,
+            timeout_seconds(),
+            self.warn_once,
+            WAITERS.get(id(self.node)),
+        )
 
     def pace(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more may go toward other machines (``facts.remote_rate``)."""
@@ -402,6 +478,9 @@ class OutputState:
 
 _STATES: dict[tuple[int, str], OutputState] = {}
 _SWEEP_AT = 256
+WAITERS: dict[int, Callable[[], None]] = {}
+"""What a sender does while the start-up hold waits, by ``id(node)`` (``Node`` takes its
+inputs off dora's queue); set with ``set_waiting``."""
 FAST_SENDS: Memo[tuple[Any, ...], Any] = Memo(1024)
 """The send fast path's memo: (id(node), output, type, dtype, shape, strides) -> entry."""
 
@@ -452,6 +531,25 @@ def _forget_dead_nodes() -> None:
                         state.pool.close()
         del node
     _SWEEP_AT = max(256, 2 * len(_STATES))
+
+
+def set_waiting(node: Any, waiting: Callable[[], None] | None) -> None:
+    """Have the start-up hold of ``node``'s outputs call ``waiting`` (a bound method, held
+    weakly) while it waits."""
+    if waiting is None:
+        WAITERS.pop(id(node), None)
+    else:
+        ref = weakref.WeakMethod(waiting)  # type: ignore[arg-type]
+
+        def call() -> None:
+            method = ref()
+            if method is not None:
+                method()
+
+        waiting = WAITERS[id(node)] = call
+    for (node_key, _), state in _STATES.items():
+        if node_key == id(node) and state.hold is not None:
+            state.hold.waiting = waiting
 
 
 def existing_state(node: Any, output_id: str) -> OutputState | None:

@@ -172,6 +172,7 @@ def _learned_cap(state: OutputState, exc: RuntimeError) -> bool:
     cap = refused_cap(exc)
     if cap is None or cap >= state.facts.message_cap:
         return False
+    state.unsent()  # it goes again, in chunks: its number is reused
     state.lower_message_cap(cap)
     return True
 
@@ -256,6 +257,7 @@ def _send_cuda(state: OutputState, out: Outgoing) -> str | None:
         host_path(state, str(exc))
         return None
     meta.update(out.extra)
+    state.before_send(meta, 0)
     try:
         state.node.send_output(state.facts.output_id, array, meta)
     except BaseException:
@@ -299,6 +301,7 @@ def _send_shm(state: OutputState, out: Outgoing) -> str | None:
         return None
     meta = handle.publish(out.checksum)
     meta.update(out.extra)
+    state.before_send(meta, 0)
     try:
         state.node.send_output(state.facts.output_id, _EMPTY, meta)
     except BaseException:
@@ -310,14 +313,15 @@ def _send_shm(state: OutputState, out: Outgoing) -> str | None:
 
 def _send_raw(state: OutputState, out: Outgoing) -> str | None:
     p = out.tensor_plan()
-    check_pool(state, message_bytes(p.nbytes, 1))
+    check_pool(state, message_bytes(p.nbytes, 1), payload_bytes=p.nbytes)
     meta = p.header.to_metadata()
     meta.update(out.extra)
-    state.pace(p.nbytes)
+    state.before_send(meta, p.nbytes)
     try:
         with state.node.send_output_raw(state.facts.output_id, p.nbytes, meta) as sample:
             p.write_into(sample)
     except NotImplementedError:  # dora.testing.MockNode, before anything was sent
+        state.unsent()
         state.no_raw_samples()
         return None
     return RAW
@@ -340,8 +344,8 @@ def _send_inline(state: OutputState, out: Outgoing) -> str | None:
         meta.update(out.extra)
         nbytes, width = out.tree.nbytes, 8
     if nbytes >= RAW_MIN_BYTES:  # smaller messages live on dora's heap, not in its pool
-        check_pool(state, message_bytes(nbytes, width))
-    state.pace(nbytes)
+        check_pool(state, message_bytes(nbytes, width), payload_bytes=nbytes)
+    state.before_send(meta, nbytes)
     state.node.send_output(state.facts.output_id, array, meta)
     return INLINE
 
@@ -368,13 +372,14 @@ def _send_chunked(state: OutputState, out: Outgoing) -> str | None:
     if state.facts.raw:
         try:
             _chunks.send_chunks(
-                node, output_id, pieces, total, header_meta, out.extra, raw=True, pace=state.pace
+                node, output_id, pieces, total, header_meta, out.extra, raw=True, state=state
             )
             return CHUNKED
         except NotImplementedError:  # MockNode: raised by the first chunk, before it left
+            state.unsent()
             state.no_raw_samples()
     _chunks.send_chunks(
-        node, output_id, pieces, total, header_meta, out.extra, raw=False, pace=state.pace
+        node, output_id, pieces, total, header_meta, out.extra, raw=False, state=state
     )
     return CHUNKED
 
@@ -468,13 +473,16 @@ def _fast_send(node: Any, output_id: str, value: Any, metadata: Any) -> str | No
                     bits = bits.transpose(entry.perm)
                 bits = pa.py_buffer(bits)
             array = pa.Array.from_buffers(entry.arrow_type, entry.length, [None, bits])
+            entry.state.before_send(meta, entry.nbytes)
             node.send_output(output_id, array, meta)
             return INLINE
         if entry.perm is not None:
             bits = bits.transpose(entry.perm)
+        entry.state.before_send(meta, entry.nbytes)
         with node.send_output_raw(output_id, entry.nbytes, meta) as sample:
             _tensor.write_into(sample, bits)
     except NotImplementedError:  # dora.testing.MockNode: nothing was sent
+        entry.state.unsent()
         entry.state.no_raw_samples()
         return None
     except RuntimeError as exc:  # too big for the route dora chose: decided again, chunked
@@ -519,7 +527,7 @@ def _learn(state: OutputState, value: Any, key: tuple[Any, ...]) -> _FastSend | 
     if (raw or inline) and p.nbytes and not complex_torch:
         width = 1 if raw else p.header.dtype.storage.itemsize
         if p.nbytes >= RAW_MIN_BYTES:  # the one pool check of this layout on this output
-            check_pool(state, message_bytes(p.nbytes, width))
+            check_pool(state, message_bytes(p.nbytes, width), payload_bytes=p.nbytes)
         perm = p.header.perm
         entry = _FastSend(
             state=state,
